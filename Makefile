@@ -1,0 +1,36 @@
+# cnnserve — the commands people and CI run. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup check test run bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "cnnserve needs $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch/torchvision come from the machine's local wheel cache when it has one (pinned in pyproject.toml).
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with pinned dependencies (idempotent) and the Fashion-MNIST package
+	@.ci/install-system-packages
+
+check: setup  ## ruff and mypy over the package; generated stubs must be current
+	$(BIN)/ruff check service export tests
+	$(BIN)/ruff format --check service export tests
+	$(BIN)/mypy
+
+test: setup  ## the whole test suite (real TorchServe, real gRPC servers on loopback)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:  ## remove the virtual environment and caches (keeps model_store)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,173 @@
+"""Export a trained checkpoint to TorchScript and ONNX, and prove the exports match the eager model.
+
+The parity report compares eager PyTorch, TorchScript and ONNX Runtime logits on real test images of the
+dataset the model was trained on: the largest absolute difference and the top-1 agreement. An export whose
+difference is above ``max_abs_diff`` or whose agreement is below 100 % fails (:class:`ParityError`).
+
+An export directory holds ``model.pt``, ``model.onnx``, ``weights.safetensors`` (the trained weights, which
+the fine-tune endpoint starts from), ``parity.json`` and the model card updated with both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnserve.card import ModelCard, load_card, save_card
+from cnnserve.errors import CnnserveError, InvalidInputError
+from cnnserve.preprocess import Preprocessing, prepare_images
+from cnnserve.runtime import EXPORT_FILES, FORMATS, EagerRuntime, Runtime, load_runtime
+from cnnserve.weights import load_into, load_weights
+from cnnserve_export.data import ImageData, load_dataset
+
+__all__ = ["ExportResult", "ParityError", "export_checkpoint", "load_trained_model", "check_parity"]
+
+PARITY_FILE = "parity.json"
+ONNX_OPSET = 18
+MAX_ABS_DIFF = 1e-4
+
+
+class ParityError(CnnserveError):
+    """An exported model does not reproduce the eager model's logits."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    card: ModelCard
+    parity: dict[str, Any]
+
+
+def load_trained_model(checkpoint_dir: str | Path) -> tuple[ModelCard, nn.Module]:
+    """The card and the eager model (eval mode, weights checked against the card's sha256)."""
+    card = load_card(checkpoint_dir)
+    state = load_weights(Path(checkpoint_dir) / card.weights_file, card.weights_sha256)
+    model = load_into(card.build_model(), state).eval()
+    return card, model
+
+
+def _export_torchscript(model: nn.Module, path: Path) -> None:
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream but it is TorchServe's native format; we choose it knowingly.
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    scripted.save(str(path))  # type: ignore[no-untyped-call]
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter narrates every stage on stdout; keep our own output clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=ONNX_OPSET,
+            external_data=False,
+            dynamo=True,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    # Fine-tuned revisions are served by overriding initializers by state_dict name: insist that works.
+    initializers = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    for name, tensor in model.state_dict().items():
+        if initializers.get(name) != tuple(tensor.shape):
+            raise ParityError(
+                f"ONNX export has no initializer {name} of shape {tuple(tensor.shape)}; "
+                "fine-tuned revisions could not be served from this file"
+            )
+
+
+def _parity_images(card: ModelCard, data: ImageData | None, count: int) -> torch.Tensor:
+    if data is None:
+        data = load_dataset(card.dataset["name"], seed=int(card.dataset.get("seed", 0)))
+    images = data.test_images[:count]
+    if len(images) < count:
+        raise InvalidInputError.for_field(
+            "parity_samples", f"asked for {count} test images; {data.name} has {len(images)}"
+        )
+    return prepare_images(images, Preprocessing.from_card(card))
+
+
+def check_parity(
+    reference: Runtime, candidates: Sequence[Runtime], inputs: torch.Tensor, batch_size: int = 32
+) -> dict[str, Any]:
+    """Max |logit difference| and top-1 agreement of each candidate against the reference."""
+
+    def logits(runtime: Runtime) -> np.ndarray:
+        return np.concatenate(
+            [runtime.run(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        )
+
+    expected = logits(reference)
+    report: dict[str, Any] = {"samples": len(inputs), "reference": reference.format, "formats": {}}
+    for runtime in candidates:
+        got = logits(runtime)
+        report["formats"][runtime.format] = {
+            "max_abs_diff": float(np.abs(got - expected).max()),
+            "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        }
+    return report
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    formats: Sequence[str] = FORMATS,
+    parity_samples: int = 64,
+    max_abs_diff: float = MAX_ABS_DIFF,
+    data: ImageData | None = None,
+) -> ExportResult:
+    """Export ``checkpoint_dir`` to ``out`` in ``formats`` and check parity (raises :class:`ParityError`)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise InvalidInputError.for_field("formats", f"{unknown or 'none'}: choose from {', '.join(FORMATS)}")
+    if parity_samples < 64:
+        raise InvalidInputError.for_field("parity_samples", "at least 64 images are compared")
+    card, model = load_trained_model(checkpoint_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(checkpoint_dir).resolve() != out.resolve():
+        shutil.copy2(Path(checkpoint_dir) / card.weights_file, out / card.weights_file)
+
+    example = torch.zeros((2, *card.input_shape))
+    for fmt in formats:
+        path = out / EXPORT_FILES[fmt]
+        if fmt == "torchscript":
+            _export_torchscript(model, path)
+        else:
+            _export_onnx(model, example, path)
+
+    inputs = _parity_images(card, data, parity_samples)
+    runtimes = [load_runtime(out, fmt, threads=2) for fmt in formats]
+    report = check_parity(EagerRuntime(model), runtimes, inputs)
+    report.update({"dataset": card.dataset.get("name"), "split": "test", "max_abs_diff_limit": max_abs_diff})
+    failures = [
+        f"{fmt}: max abs diff {row['max_abs_diff']:.2e}, top-1 agreement {row['top1_agreement']:.2%}"
+        for fmt, row in report["formats"].items()
+        if row["max_abs_diff"] > max_abs_diff or row["top1_agreement"] < 1.0
+    ]
+    report["passed"] = not failures
+    (out / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    card.exports = {fmt: EXPORT_FILES[fmt] for fmt in formats}
+    card.parity = report
+    save_card(card, out)
+    if failures:
+        raise ParityError(f"export parity failed ({'; '.join(failures)}); report in {out / PARITY_FILE}")
+    return ExportResult(out=out, card=card, parity=report)

@@ -1,0 +1,7 @@
+"""``python -m cnnserve.cli`` runs the console script."""
+
+import sys
+
+from cnnserve.cli import main
+
+sys.exit(main())

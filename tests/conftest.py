@@ -1,0 +1,62 @@
+"""Shared fixtures: small real models trained once per session and reused by the serving tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cnnserve_export.config import TrainConfig
+from cnnserve_export.data import ImageData, load_dataset
+from cnnserve_export.export import ExportResult, export_checkpoint
+from cnnserve_export.train import TrainResult, train
+
+
+@pytest.fixture(scope="session")
+def digits() -> ImageData:
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData) -> TrainResult:
+    """LeNet trained on the bundled digits: seconds on CPU, > 90 % test accuracy."""
+    out = tmp_path_factory.mktemp("lenet-ckpt")
+    config = TrainConfig(model="lenet", dataset="digits", out=str(out), epochs=12, progress=False)
+    return train(config, data=digits, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def alexnet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData) -> TrainResult:
+    """AlexNet (10 classes) after a few SGD steps on a small digits subset: real weights, not trained far."""
+    out = tmp_path_factory.mktemp("alexnet-ckpt")
+    config = TrainConfig(
+        model="alexnet",
+        dataset="digits",
+        out=str(out),
+        max_steps=4,
+        batch_size=16,
+        lr=0.01,
+        train_subset=64,
+        eval_subset=64,
+        progress=False,
+    )
+    return train(config, data=digits, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def lenet_export(
+    tmp_path_factory: pytest.TempPathFactory, lenet_checkpoint: TrainResult, digits: ImageData
+) -> ExportResult:
+    return export_checkpoint(lenet_checkpoint.out, tmp_path_factory.mktemp("lenet-export"), data=digits)
+
+
+@pytest.fixture(scope="session")
+def alexnet_export(
+    tmp_path_factory: pytest.TempPathFactory, alexnet_checkpoint: TrainResult, digits: ImageData
+) -> ExportResult:
+    return export_checkpoint(alexnet_checkpoint.out, tmp_path_factory.mktemp("alexnet-export"), data=digits)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
