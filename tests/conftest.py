@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cnnserve.torchserve import TorchServe, TorchServeSettings
 from cnnserve_export.config import TrainConfig
 from cnnserve_export.data import ImageData, load_dataset
 from cnnserve_export.export import ExportResult, export_checkpoint
@@ -60,3 +62,44 @@ def alexnet_export(
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_store(
+    tmp_path_factory: pytest.TempPathFactory, lenet_export: ExportResult, alexnet_export: ExportResult
+) -> Path:
+    """Archives of the session's models: LeNet with two workers, AlexNet with one."""
+    from dataclasses import replace
+
+    from cnnserve_export.archive import build_archive, default_settings
+
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(lenet_export.out, store, replace(default_settings("lenet"), min_workers=2, max_workers=2))
+    build_archive(alexnet_export.out, store, replace(default_settings("alexnet"), batch_size=4))
+    return store
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServe]:
+    """A real TorchServe on free loopback ports, token auth on, serving lenet and alexnet."""
+    from tests.torchserve_helpers import free_ports
+
+    state = tmp_path_factory.mktemp("torchserve")
+    ports = free_ports(5)
+    settings = TorchServeSettings(
+        model_store=model_store,
+        state_dir=state / "torchserve",
+        revisions_dir=state / "revisions",
+        inference_port=ports[0],
+        management_port=ports[1],
+        metrics_port=ports[2],
+        grpc_inference_port=ports[3],
+        grpc_management_port=ports[4],
+    )
+    server = TorchServe(settings)
+    server.start()
+    try:
+        server.wait_ready(("alexnet", "lenet"), timeout=300)
+        yield server
+    finally:
+        server.stop()

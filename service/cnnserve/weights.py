@@ -12,7 +12,7 @@ from torch import nn
 
 from cnnserve.errors import FailedPreconditionError
 
-__all__ = ["sha256_file", "save_weights", "load_weights", "load_into"]
+__all__ = ["sha256_file", "save_weights", "load_weights", "load_into", "read_metadata"]
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -23,7 +23,9 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> str:
     """Write ``state`` as safetensors via a temporary file and a rename; returns the file's sha256.
 
     Readers never see a half-written file: the rename is atomic, and the data is fsynced before it.
@@ -31,7 +33,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> str:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     contiguous = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    save_file(contiguous, str(tmp))
+    save_file(contiguous, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)  # readable by TorchServe workers running as another user
     with open(tmp, "rb") as stream:
         os.fsync(stream.fileno())
@@ -52,6 +54,14 @@ def load_weights(path: str | Path, expected_sha256: str | None = None) -> dict[s
                 "the file was changed or corrupted"
             )
     return load_file(str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata stored in a safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -36,11 +36,9 @@ def fail(message: str) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the chosen command, turning expected failures into one line on stderr."""
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Our own loggers speak at INFO; libraries (onnxscript narrates every export pass) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cnnserve").setLevel(logging.INFO)
     func: CommandFunc = args.func
     try:
         return func(args)

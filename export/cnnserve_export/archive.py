@@ -1,0 +1,156 @@
+"""Build a TorchServe model archive (``model_store/<name>.mar``) from an export directory.
+
+The archive is self-contained: the serialized model (and the other exported format), the model card, the
+trained weights (the fine-tune base), the parity report, ``model-config.yaml``, the handler, and the part of
+the ``cnnserve`` package the handler imports. TorchServe puts the extracted archive first on the worker's
+``PYTHONPATH``, so a worker runs exactly the handler code the archive was built with; it needs only the
+third-party packages (torch, onnxruntime, safetensors, Pillow, numpy) installed.
+
+Archives are built from source by this command only: TorchServe executes the Python inside a .mar, so never
+serve one you did not build.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cnnserve
+from cnnserve.card import CARD_FILE, load_card
+from cnnserve.errors import FailedPreconditionError, InvalidInputError
+from cnnserve.runtime import EXPORT_FILES, FORMATS
+
+__all__ = ["ArchiveSettings", "build_archive", "default_settings", "WORKER_PACKAGE_PARTS", "HANDLER_MODULE"]
+
+# What of the cnnserve package a worker imports (no CLI, no gateway, no gRPC).
+WORKER_PACKAGE_PARTS = (
+    "__init__.py",
+    "py.typed",
+    "errors.py",
+    "card.py",
+    "weights.py",
+    "preprocess.py",
+    "runtime.py",
+    "shapes.py",
+    "models",
+    "serving",
+)
+HANDLER_MODULE = "cnnserve_handler"
+PARITY_FILE = "parity.json"
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """What goes into ``model-config.yaml``: TorchServe's batching and workers, and the handler's settings."""
+
+    name: str | None = None  # default: the model card's name
+    format: str = "onnx"  # ONNX Runtime measured faster than TorchScript on CPU for both models
+    batch_size: int = 16  # TorchServe batch: requests handed to one handle() call
+    max_batch_delay_ms: int = 5
+    min_workers: int = 2
+    max_workers: int = 2
+    response_timeout_s: int = 120
+    device: str = "cpu"  # cpu | gpu (TorchServe assigns cuda:<id> to each worker)
+    threads: int = 1  # intra-op threads per worker
+    max_inputs: int = 64
+    max_finetune_batch: int = 256
+    retention: int = 10
+    runtime_cache: int = 4
+
+
+def default_settings(architecture: str) -> ArchiveSettings:
+    """Per-architecture defaults for a 2-core machine: AlexNet is heavy, so fewer, smaller batches."""
+    if architecture == "alexnet":
+        return ArchiveSettings(
+            batch_size=8, min_workers=1, max_workers=1, runtime_cache=2, max_finetune_batch=64
+        )
+    return ArchiveSettings()
+
+
+def _model_config(settings: ArchiveSettings) -> str:
+    lines = [
+        f"minWorkers: {settings.min_workers}",
+        f"maxWorkers: {settings.max_workers}",
+        f"batchSize: {settings.batch_size}",
+        f"maxBatchDelay: {settings.max_batch_delay_ms}",
+        f"responseTimeout: {settings.response_timeout_s}",
+        f"deviceType: {settings.device}",
+        "handler:",
+        f"  format: {settings.format}",
+        f"  threads: {settings.threads}",
+        f"  max_inputs: {settings.max_inputs}",
+        f"  max_finetune_batch: {settings.max_finetune_batch}",
+        f"  retention: {settings.retention}",
+        f"  runtime_cache: {settings.runtime_cache}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _validate(settings: ArchiveSettings) -> None:
+    if settings.format not in FORMATS:
+        raise InvalidInputError.for_field("format", f"{settings.format!r} is not one of {', '.join(FORMATS)}")
+    if settings.device not in ("cpu", "gpu"):
+        raise InvalidInputError.for_field("device", f"{settings.device!r}: expected cpu or gpu")
+    if not 1 <= settings.min_workers <= settings.max_workers:
+        raise InvalidInputError.for_field("workers", "need 1 <= min_workers <= max_workers")
+    for name in ("batch_size", "response_timeout_s", "threads", "max_inputs", "retention", "runtime_cache"):
+        if getattr(settings, name) < 1:
+            raise InvalidInputError.for_field(name, "must be at least 1")
+    if settings.max_batch_delay_ms < 0:
+        raise InvalidInputError.for_field("max_batch_delay_ms", "must be >= 0")
+
+
+def build_archive(export_dir: str | Path, model_store: str | Path, settings: ArchiveSettings) -> Path:
+    """Write ``<model_store>/<name>.mar`` (replacing an older one) and return its path."""
+    _validate(settings)
+    export_dir = Path(export_dir)
+    card = load_card(export_dir)
+    if settings.format not in card.exports:
+        raise FailedPreconditionError(
+            f"{export_dir} has no {settings.format} export (it has: {', '.join(card.exports) or 'none'}); "
+            f"run `cnnserve export --formats {settings.format}`"
+        )
+    name = settings.name or card.name
+    model_store = Path(model_store)
+    model_store.mkdir(parents=True, exist_ok=True)
+    package_dir = Path(cnnserve.__file__).parent
+
+    with tempfile.TemporaryDirectory(prefix="cnnserve-archive-") as tmp:
+        stage = Path(tmp) / "extra"
+        (stage / "cnnserve").mkdir(parents=True)
+        for part in WORKER_PACKAGE_PARTS:
+            source = package_dir / part
+            if source.is_dir():
+                shutil.copytree(
+                    source, stage / "cnnserve" / part, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(source, stage / "cnnserve" / part)
+        for file in [CARD_FILE, card.weights_file, PARITY_FILE, *card.exports.values()]:
+            if file != EXPORT_FILES[settings.format] and (export_dir / file).exists():
+                shutil.copy2(export_dir / file, stage / file)
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(_model_config(settings))
+        handler_file = Path(tmp) / f"{HANDLER_MODULE}.py"
+        shutil.copy2(package_dir / "serving" / "handler.py", handler_file)
+        command = [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", card.version,
+            "--serialized-file", str(export_dir / EXPORT_FILES[settings.format]),
+            "--handler", str(handler_file),
+            "--extra-files", str(stage),
+            "--config-file", str(config_file),
+            "--export-path", str(model_store),
+            "--force",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise FailedPreconditionError(f"torch-model-archiver failed: {result.stderr.strip()[-500:]}")
+    return model_store / f"{name}.mar"

@@ -1,0 +1,456 @@
+"""ModelService: everything a TorchServe worker does for one model, without TorchServe.
+
+The handler hands it TorchServe's batch (a list of request dicts) and gets back one :class:`Reply` per
+request, in order. Classify requests in a batch are answered with one forward pass per weights revision;
+the other operations run one by one. A bad request gets its own 4xx reply and never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnserve.card import ModelCard, load_card
+from cnnserve.errors import CnnserveError, ConflictError, InvalidInputError, NotFoundError
+from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_images
+from cnnserve.runtime import Runtime, load_runtime
+from cnnserve.serving.finetune import StepSettings, sgd_step
+from cnnserve.serving.protocol import (
+    ClassifyRequest,
+    FineTuneRequest,
+    InfoRequest,
+    RawInput,
+    Request,
+    ResetRequest,
+    RevisionsRequest,
+    RollbackRequest,
+    ShapesRequest,
+    encode_json,
+    parse_request,
+)
+from cnnserve.serving.revisions import DEFAULT_RETENTION, Revision, RevisionStore, require_store
+from cnnserve.shapes import layer_shapes
+from cnnserve.weights import load_into, load_weights
+
+__all__ = ["ServiceConfig", "Reply", "ModelService", "error_body"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    format: str = "onnx"  # onnx | torchscript: the runtime classify uses
+    device: str = "cpu"  # cpu | cuda:N
+    threads: int = 1  # intra-op threads per worker
+    max_inputs: int = 64  # per classify request
+    max_finetune_batch: int = 256
+    max_forward_batch: int = 64  # inputs per forward pass when a TorchServe batch is larger
+    revisions_dir: str | None = None  # None: fine-tuning disabled, the base is served
+    retention: int = DEFAULT_RETENTION
+    runtime_cache: int = 4  # loaded revisions kept per worker
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+
+
+def error_body(exc: CnnserveError) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": exc.kind.code_name,
+            "message": exc.message,
+            "field_violations": [{"field": v.field, "description": v.description} for v in exc.violations],
+        }
+    }
+
+
+def _error_reply(exc: CnnserveError) -> Reply:
+    return Reply(exc.kind.http_status, encode_json(error_body(exc)))
+
+
+@dataclass
+class _Trainer:
+    """The worker's trainable copy: eager weights at ``revision``, kept between steps."""
+
+    model: torch.nn.Module
+    revision: int = -1
+    sha256: str = ""
+
+
+@dataclass
+class _Pending:
+    """A classify request on its way through a batch."""
+
+    index: int
+    request: ClassifyRequest
+    revision: Revision | None = None
+    tensors: list[torch.Tensor | CnnserveError] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+
+
+class ModelService:
+    def __init__(self, model_dir: str | Path, config: ServiceConfig, name: str | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.card: ModelCard = load_card(self.model_dir)
+        self.name = name or self.card.name
+        self.pre = Preprocessing.from_card(self.card)
+        self.base_weights = self.model_dir / self.card.weights_file
+        self.base = Revision(revision=0, kind="base", sha256=self.card.weights_sha256, file=None)
+        self.store: RevisionStore | None = None
+        if config.revisions_dir:
+            self.store = RevisionStore(
+                config.revisions_dir,
+                self.name,
+                self.card.version,
+                self.card.weights_sha256,
+                self.base_weights,
+                retention=config.retention,
+            )
+        self._runtimes: OrderedDict[str, Runtime] = OrderedDict()
+        self._runtime(self.base)  # fail at start-up, not on the first request
+        with torch.device("meta"):
+            self._shape_model = self.card.build_model()  # architecture only, no memory
+        self._trainer: _Trainer | None = None
+        self._head_cache: Revision | None = None
+
+    # ---- the batch ----------------------------------------------------------------------------------------
+
+    def handle(self, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+        """One reply per TorchServe request, in order."""
+        replies: list[Reply | None] = [None] * len(requests)
+        classify: list[_Pending] = []
+        for index, raw in enumerate(requests):
+            try:
+                request = parse_request(raw)
+                if isinstance(request, ClassifyRequest):
+                    classify.append(_Pending(index, request))
+                else:
+                    replies[index] = Reply(200, encode_json(self._dispatch(request)))
+            except CnnserveError as exc:
+                replies[index] = _error_reply(exc)
+        for pending, reply in zip(classify, self._classify(classify), strict=True):
+            replies[pending.index] = reply
+        return [reply for reply in replies if reply is not None]
+
+    def _dispatch(self, request: Request) -> dict[str, Any]:
+        handlers: dict[type, Callable[[Any], dict[str, Any]]] = {
+            ShapesRequest: self.shapes,
+            FineTuneRequest: self.finetune,
+            InfoRequest: lambda _: self.info(),
+            RevisionsRequest: lambda _: self.list_revisions(),
+            RollbackRequest: lambda r: self.rollback(r.to_revision, kind="rollback"),
+            ResetRequest: lambda _: self.rollback(0, kind="reset"),
+        }
+        return handlers[type(request)](request)
+
+    # ---- classify -----------------------------------------------------------------------------------------
+
+    def _head(self) -> Revision:
+        """The head revision: one read of the HEAD file; the manifest only when the head has moved."""
+        if self.store is None:
+            return self.base
+        number, sha256 = self.store.head()
+        cached = self._head_cache
+        if cached is None or (cached.revision, cached.sha256) != (number, sha256):
+            cached = self._head_cache = self.store.get(number)
+        return cached
+
+    def _resolve(self, request: ClassifyRequest, head: Revision) -> Revision:
+        if request.revision is not None:
+            if self.store is None:
+                if request.revision == 0:
+                    return self.base
+                raise NotFoundError(f"revision {request.revision} does not exist: fine-tuning is disabled")
+            revision = self.store.get(request.revision)
+        else:
+            revision = head
+        if request.min_revision is not None and revision.revision < request.min_revision:
+            if request.revision is not None:
+                raise InvalidInputError.for_field(
+                    "min_revision", f"pinned revision {request.revision} is older than {request.min_revision}"
+                )
+            raise NotFoundError(f"revision {request.min_revision} does not exist (head is {head.revision})")
+        return revision
+
+    def _decode(self, raw: RawInput, index: int) -> torch.Tensor:
+        if raw.shape is not None:
+            return decode_tensor(raw.data, raw.shape, self.card.input_shape, field=f"inputs[{index}]")[None]
+        try:
+            image = decode_image(raw.data, self.pre.channels)
+        except InvalidInputError as exc:
+            raise InvalidInputError.for_field(
+                f"inputs[{index}].image", exc.violations[0].description
+            ) from None
+        return prepare_images(image[None], self.pre)
+
+    def _classify(self, batch: list[_Pending]) -> list[Reply]:
+        if not batch:
+            return []
+        started = time.perf_counter()
+        errors: dict[int, CnnserveError] = {}
+        try:
+            head = self._head()
+        except CnnserveError as exc:
+            return [_error_reply(exc) for _ in batch]
+        groups: dict[str, list[tuple[_Pending, int]]] = {}
+        for pending in batch:
+            try:
+                if len(pending.request.inputs) > self.config.max_inputs:
+                    raise InvalidInputError.for_field(
+                        "inputs",
+                        f"{len(pending.request.inputs)} inputs; at most {self.config.max_inputs} per request",
+                    )
+                pending.revision = self._resolve(pending.request, head)
+            except CnnserveError as exc:
+                errors[pending.index] = exc
+                continue
+            for position, raw in enumerate(pending.request.inputs):
+                try:
+                    pending.tensors.append(self._decode(raw, position))
+                except CnnserveError as exc:
+                    pending.tensors.append(exc)
+                    if not pending.request.per_input_errors:
+                        errors.setdefault(pending.index, exc)
+                    continue
+                groups.setdefault(pending.revision.sha256, []).append((pending, position))
+        preprocessed = time.perf_counter()
+
+        logits: dict[tuple[int, int], np.ndarray] = {}
+        for members in groups.values():
+            live = [(p, i) for p, i in members if p.index not in errors]
+            if not live:
+                continue
+            assert live[0][0].revision is not None
+            try:
+                runtime = self._runtime(live[0][0].revision)
+            except CnnserveError as exc:
+                for pending, _ in live:
+                    errors.setdefault(pending.index, exc)
+                continue
+            stacked = torch.cat([p.tensors[i] for p, i in live])  # type: ignore[misc]
+            step = self.config.max_forward_batch
+            outputs = np.concatenate(
+                [runtime.run(stacked[s : s + step]) for s in range(0, len(stacked), step)]
+            )
+            for (pending, position), row in zip(live, outputs, strict=True):
+                logits[(pending.index, position)] = row
+        finished = time.perf_counter()
+
+        timing = {
+            "preprocess": round((preprocessed - started) * 1000, 3),
+            "inference": round((finished - preprocessed) * 1000, 3),
+            "batch_requests": len(batch),
+        }
+        replies = []
+        for pending in batch:
+            if pending.index in errors:
+                replies.append(_error_reply(errors[pending.index]))
+                continue
+            assert pending.revision is not None
+            predictions = []
+            for position, tensor in enumerate(pending.tensors):
+                if isinstance(tensor, CnnserveError):
+                    predictions.append(error_body(tensor))
+                else:
+                    predictions.append(
+                        {"top_k": self._top_k(logits[(pending.index, position)], pending.request.top_k)}
+                    )
+            body = {
+                "model": self.name,
+                "version": self.card.version,
+                "revision": pending.revision.revision,
+                "format": self.config.format,
+                "device": self.config.device,
+                "worker": os.getpid(),  # which TorchServe worker process answered
+                "predictions": predictions,
+                "timing_ms": timing,
+            }
+            replies.append(Reply(200, encode_json(body)))
+        return replies
+
+    def _top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
+        shifted = np.exp(logits - logits.max())
+        probabilities = shifted / shifted.sum()
+        order = np.argsort(-probabilities, kind="stable")[: min(k, len(probabilities))]
+        return [
+            {"label": self.card.labels[i], "index": int(i), "probability": float(probabilities[i])}
+            for i in order
+        ]
+
+    def _runtime(self, revision: Revision, weights: Mapping[str, torch.Tensor] | None = None) -> Runtime:
+        """The runtime serving ``revision``'s weights, from the per-worker LRU cache (keyed by sha256)."""
+        cached = self._runtimes.get(revision.sha256)
+        if cached is not None:
+            self._runtimes.move_to_end(revision.sha256)
+            return cached
+        if weights is None and revision.sha256 != self.base.sha256:
+            weights = require_store(self.store).load(revision)
+        runtime = load_runtime(
+            self.model_dir, self.config.format, weights, self.config.device, self.config.threads
+        )
+        self._runtimes[revision.sha256] = runtime
+        while len(self._runtimes) > self.config.runtime_cache:
+            self._runtimes.popitem(last=False)
+        return runtime
+
+    # ---- the other operations ------------------------------------------------------------------------
+
+    def shapes(self, request: ShapesRequest) -> dict[str, Any]:
+        shape = request.input_shape or self.card.input_shape
+        return {
+            "model": self.name,
+            "version": self.card.version,
+            **layer_shapes(self._shape_model, shape).to_dict(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        card = self.card
+        return {
+            "model": self.name,
+            "version": card.version,
+            "architecture": card.architecture,
+            "arch_args": card.arch_args,
+            "input_shape": list(card.input_shape),
+            "labels": card.labels,
+            "normalization": {"mean": list(card.normalization.mean), "std": list(card.normalization.std)},
+            "preprocessing": {"resize": list(card.resize), "pad": card.pad},
+            "dataset": card.dataset,
+            "training": {
+                k: card.training.get(k) for k in ("test_accuracy", "steps", "epochs_run", "wall_seconds")
+            },
+            "formats": sorted(card.exports),
+            "format": self.config.format,
+            "device": self.config.device,
+            "parity": card.parity,
+            "base_sha256": card.weights_sha256,
+            "revision": self._head().revision,
+            "fine_tuning": self.store is not None,
+            "retention": self.config.retention,
+        }
+
+    def list_revisions(self) -> dict[str, Any]:
+        if self.store is None:
+            return {"model": self.name, "head": 0, "revisions": [self.base.public()], "fine_tuning": False}
+        manifest = self.store.manifest()
+        return {
+            "model": self.name,
+            "head": manifest["head"],
+            "revisions": [Revision(**e).public() for e in manifest["revisions"]],
+            "fine_tuning": True,
+        }
+
+    def rollback(self, to_revision: int, kind: str) -> dict[str, Any]:
+        """Make ``to_revision``'s weights the head again, as a new revision (rollback and reset)."""
+        store = require_store(self.store)
+        with store.locked():
+            target = self.base if to_revision == 0 else store.get(to_revision)
+            head, _ = store.head()
+            revision = store.append(kind, parent=head, step=target.step, same_as=target)
+        log.info(
+            "%s %s: revision %d now serves the weights of revision %d",
+            kind,
+            self.name,
+            revision.revision,
+            to_revision,
+        )
+        return {
+            "model": self.name,
+            "version": self.card.version,
+            **revision.public(),
+            "weights_of": to_revision,
+        }
+
+    def finetune(self, request: FineTuneRequest) -> dict[str, Any]:
+        store = require_store(self.store)
+        if len(request.inputs) > self.config.max_finetune_batch:
+            raise InvalidInputError.for_field(
+                "inputs",
+                f"{len(request.inputs)} inputs; at most {self.config.max_finetune_batch} per fine-tune step",
+            )
+        bad = [label for label in request.labels if not 0 <= label < self.card.num_classes]
+        if bad:
+            raise InvalidInputError.for_field(
+                "labels", f"{bad[0]} is outside [0, {self.card.num_classes}) for {self.name}"
+            )
+        inputs = torch.cat([self._decode(raw, i) for i, raw in enumerate(request.inputs)])
+        labels = torch.tensor(request.labels, dtype=torch.int64)
+        settings = StepSettings(request.lr, request.momentum, request.weight_decay, request.train_layers)
+
+        with store.locked():  # one writer per model across every worker process
+            if request.request_id is not None:
+                done = store.find_request(request.request_id)
+                if done is not None and done.result is not None:
+                    return {**done.result, "replayed": True}
+            head_number, _ = store.head()
+            if request.expected_revision is not None and request.expected_revision != head_number:
+                raise ConflictError(
+                    f"{self.name} is at revision {head_number}, not the expected {request.expected_revision}"
+                )
+            head = self.base if head_number == 0 else store.get(head_number)
+            trainer = self._trainer_at(head, store)
+            device = torch.device(self.config.device)
+            result, buffers = sgd_step(
+                trainer.model,
+                inputs.to(device),
+                labels.to(device),
+                settings,
+                store.load_momentum(head.revision),
+            )
+            # A snapshot, not views of the trainable parameters that the next step changes in place.
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            reply = {
+                "model": self.name,
+                "version": self.card.version,
+                "parent": head.revision,
+                "step": head.step + 1,
+                "loss_before": result.loss_before,
+                "loss_after": result.loss_after,
+                "batch_accuracy": result.batch_accuracy,
+                "grad_norm": result.grad_norm,
+                "batch_size": len(labels),
+                "train_layers": settings.train_layers,
+                "lr": settings.lr,
+            }
+            revision = store.append(
+                "step",
+                parent=head.revision,
+                step=head.step + 1,
+                weights=weights,
+                momentum=buffers,
+                request_id=request.request_id,
+                result=reply,
+            )
+            trainer.revision, trainer.sha256 = revision.revision, revision.sha256
+        self._runtime(revision, weights)  # this worker serves the new revision without re-reading it
+        log.info(
+            "fine-tune step on %s -> revision %d, loss %.4f -> %.4f",
+            self.name,
+            revision.revision,
+            result.loss_before,
+            result.loss_after,
+        )
+        return {**reply, "revision": revision.revision, "replayed": False}
+
+    def _trainer_at(self, head: Revision, store: RevisionStore) -> _Trainer:
+        """The trainable copy, loaded with ``head``'s weights unless it already holds them."""
+        if self._trainer is None:
+            model = self.card.build_model().to(self.config.device)
+            self._trainer = _Trainer(model)
+        trainer = self._trainer
+        if trainer.revision != head.revision or trainer.sha256 != head.sha256:
+            state = load_weights(self.base_weights, head.sha256) if head.file is None else store.load(head)
+            load_into(trainer.model, state)
+            trainer.revision, trainer.sha256 = head.revision, head.sha256
+        return trainer

@@ -1,0 +1,269 @@
+"""Run TorchServe 0.12 for cnnserve: its configuration, its process, and knowing when it is ready.
+
+:class:`TorchServe` writes ``config.properties`` and a quiet ``log4j2.xml`` into a state directory, starts
+``torchserve --foreground`` there in its own process group, waits until every model has a READY worker
+(``/ping`` answers long before that), and stops it with SIGTERM. Each instance gets its own temporary
+directory, so several can run side by side (TorchServe otherwise keeps one global pid file in /tmp).
+
+Security defaults: every listener on 127.0.0.1, token authorization on (keys in
+``<state_dir>/key_file.json``), the model-management API (register/unregister) off, model archives loadable
+only from the local model store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnserve.errors import FailedPreconditionError, UnavailableError
+
+__all__ = ["TorchServeSettings", "TorchServeKeys", "TorchServe", "render_config", "read_keys", "java_version"]
+
+KEY_FILE = "key_file.json"
+PID_FILE = "torchserve.pid"
+# Tokens never expire on their own: the gateway holds the inference key for as long as TorchServe runs.
+TOKEN_EXPIRATION_MIN = 60 * 24 * 365
+
+_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- cnnserve: INFO logging (TorchServe's default DEBUG cost 20-35% throughput); per-request metrics off. -->
+<Configuration>
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+    </Console>
+    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%i.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
+      <DefaultRolloverStrategy max="3"/>
+    </RollingFile>
+    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%i.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="50 MB"/></Policies>
+      <DefaultRolloverStrategy max="3"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="off"/>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Logger name="MODEL_LOG" level="info" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="MODEL_METRICS" level="off"/>
+    <Logger name="TS_METRICS" level="off"/>
+    <Logger name="org.pytorch.serve" level="info" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Root level="warn"><AppenderRef ref="STDOUT"/><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+@dataclass(frozen=True)
+class TorchServeSettings:
+    model_store: Path
+    state_dir: Path  # config.properties, key_file.json, logs/, tmp/
+    revisions_dir: Path  # the fine-tune revision store, shared by every worker
+    models: tuple[str, ...] = ()  # archive names to load; empty: every .mar in the store
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    token_auth: bool = True
+    max_request_bytes: int = 64 * 2**20  # a batch of 32 AlexNet tensors is 19 MiB; TorchServe's default 6.5
+    job_queue_size: int = 1000
+    java_heap: str = "1g"
+
+    def url(self, port: int) -> str:
+        return f"http://{self.host}:{port}"
+
+
+@dataclass(frozen=True)
+class TorchServeKeys:
+    inference: str | None
+    management: str | None
+
+    def header(self, api: str) -> dict[str, str]:
+        key = self.inference if api == "inference" else self.management
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def render_config(settings: TorchServeSettings) -> str:
+    """``config.properties`` for ``settings``."""
+    store = settings.model_store.resolve()
+    models = settings.models or tuple(sorted(p.stem for p in store.glob("*.mar")))
+    lines = {
+        "inference_address": settings.url(settings.inference_port),
+        "management_address": settings.url(settings.management_port),
+        "metrics_address": settings.url(settings.metrics_port),
+        "grpc_inference_address": settings.host,
+        "grpc_inference_port": settings.grpc_inference_port,
+        "grpc_management_address": settings.host,
+        "grpc_management_port": settings.grpc_management_port,
+        "model_store": store,
+        "load_models": ",".join(f"{name}={name}.mar" for name in models),
+        # Only archives already in the local store may ever be registered.
+        "allowed_urls": f"file://{store}/.*\\.mar",
+        "enable_model_api": "false",
+        "disable_token_authorization": "false" if settings.token_auth else "true",
+        "token_expiration_min": TOKEN_EXPIRATION_MIN,
+        "metrics_mode": "prometheus",
+        "max_request_size": settings.max_request_bytes,
+        "max_response_size": settings.max_request_bytes,
+        "job_queue_size": settings.job_queue_size,
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+        "vmargs": f"-Xmx{settings.java_heap} -XX:+ExitOnOutOfMemoryError",
+    }
+    return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+
+def read_keys(state_dir: Path) -> TorchServeKeys:
+    """The token-authorization keys TorchServe wrote into its working directory."""
+    path = state_dir / KEY_FILE
+    if not path.exists():
+        return TorchServeKeys(None, None)
+    data = json.loads(path.read_text())
+    return TorchServeKeys(data["inference"]["key"], data["management"]["key"])
+
+
+def java_version() -> str | None:
+    """``java -version``'s first line, or None when there is no java."""
+    java = shutil.which("java")
+    if java is None:
+        return None
+    result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    return (result.stderr or result.stdout).splitlines()[0] if result.returncode == 0 else None
+
+
+def _torchserve_command() -> str:
+    candidate = Path(sys.executable).parent / "torchserve"
+    found = str(candidate) if candidate.exists() else shutil.which("torchserve")
+    if found is None:
+        raise FailedPreconditionError("torchserve is not installed: run `make setup`")
+    return found
+
+
+class TorchServe:
+    """One TorchServe process tree, started and stopped by us."""
+
+    def __init__(self, settings: TorchServeSettings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    def keys(self) -> TorchServeKeys:
+        return read_keys(self.state_dir) if self.settings.token_auth else TorchServeKeys(None, None)
+
+    def start(self) -> None:
+        if java_version() is None:
+            raise FailedPreconditionError(
+                "TorchServe needs Java 17+: install it with `sudo apt-get install openjdk-17-jre-headless`"
+            )
+        state = self.state_dir.resolve()
+        (state / "tmp").mkdir(parents=True, exist_ok=True)
+        (state / "logs").mkdir(exist_ok=True)
+        (state / KEY_FILE).unlink(missing_ok=True)
+        self.settings.revisions_dir.mkdir(parents=True, exist_ok=True)
+        (state / "config.properties").write_text(render_config(self.settings))
+        (state / "log4j2.xml").write_text(_LOG4J2)
+        env = {
+            **os.environ,
+            "TMPDIR": str(state / "tmp"),  # TorchServe's pid file lives in TMPDIR: one per instance
+            "TEMP": str(state / "tmp"),  # the JVM's java.io.tmpdir (model archives are extracted there)
+            "LOG_LOCATION": str(state / "logs"),
+            "METRICS_LOCATION": str(state / "logs"),
+            "CNNSERVE_REVISIONS_DIR": str(self.settings.revisions_dir.resolve()),
+        }
+        command = [
+            _torchserve_command(),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config", str(state / "config.properties"),
+            "--log-config", str(state / "log4j2.xml"),
+        ]  # fmt: skip
+        with open(state / "logs" / "torchserve.out", "ab") as output:
+            self.process = subprocess.Popen(
+                command, cwd=state, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        (state / PID_FILE).write_text(f"{self.process.pid}\n")
+
+    def _get(self, url: str, api: str, timeout: float = 5.0) -> Any:
+        request = urllib.request.Request(url, headers=self.keys().header(api))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def model_status(self, name: str) -> list[str]:
+        """Worker statuses of ``name`` (READY, UNLOADING, ...), from the management API."""
+        described = self._get(
+            f"{self.settings.url(self.settings.management_port)}/models/{name}", "management"
+        )
+        return [worker["status"] for entry in described for worker in entry.get("workers", [])]
+
+    def wait_ready(self, models: tuple[str, ...], timeout: float = 180.0) -> None:
+        """Block until each model has a READY worker; UnavailableError if TorchServe dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        pending = list(models)
+        while pending:
+            if self.process is not None and self.process.poll() is not None:
+                raise UnavailableError(f"TorchServe exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                if "READY" in self.model_status(pending[0]):
+                    pending.pop(0)
+                    continue
+            except (urllib.error.URLError, OSError, json.JSONDecodeError, KeyError):
+                pass  # not listening yet, or the key file is not written yet
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"TorchServe: no READY worker for {pending[0]} in {timeout:.0f} s")
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = ""
+        for name in ("torchserve.out", "model_log.log", "ts_log.log"):
+            path = self.state_dir / "logs" / name
+            if path.exists():
+                text += "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+        return text.strip()[-3000:]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None:
+            return
+        stop_process_group(self.process.pid, timeout)
+        self.process.wait()
+        self.process = None
+        (self.state_dir / PID_FILE).unlink(missing_ok=True)
+
+
+def stop_process_group(pid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM the process group led by ``pid``, SIGKILL it after ``timeout``; False when it was not there."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):  # reap it if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    os.killpg(pid, signal.SIGKILL)
+    return True
