@@ -58,7 +58,7 @@ def test_retention_prunes_files_nothing_refers_to(tmp_path: Path) -> None:
         "rev-000003.safetensors",
         "rev-000004.safetensors",
     ]
-    with pytest.raises(NotFoundError, match="pruned .kept: 0, 3-4"):
+    with pytest.raises(NotFoundError, match=r"pruned \(kept: 0, 3-4\)"):
         store.get(1)
     with pytest.raises(NotFoundError, match="does not exist"):
         store.get(9)

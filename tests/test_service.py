@@ -168,7 +168,7 @@ def test_finetune_reaches_every_worker_and_history_is_kept(
         worker_b, request(inputs=[tensor_input(inputs[0].numpy())], revision=0, top_k=10)
     )
     assert pinned["revision"] == 0
-    status, missing = reply_json(worker_b, request(inputs=[tensor_input(inputs[0].numpy())], min_revision=2))
+    status, _ = reply_json(worker_b, request(inputs=[tensor_input(inputs[0].numpy())], min_revision=2))
     assert status == 404
     status, rolled = reply_json(worker_b, request(op="rollback", to_revision=0))
     assert status == 200 and rolled["revision"] == 2 and rolled["kind"] == "rollback"

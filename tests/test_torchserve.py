@@ -202,15 +202,9 @@ def test_min_revision_is_honoured(
     labels = digits.test_targets[60:68].tolist()
     for _ in range(3):
         revision = finetune(torchserve, inputs, labels)["revision"]
+        query = {**tensor_input(inputs[0].numpy()), "min_revision": revision}
         with ThreadPoolExecutor(4) as pool:
-            replies = list(
-                pool.map(
-                    lambda _: post(
-                        torchserve, "lenet", {**tensor_input(inputs[0].numpy()), "min_revision": revision}
-                    ),
-                    range(12),
-                )
-            )
+            replies = list(pool.map(lambda _, q=query: post(torchserve, "lenet", q), range(12)))
         assert all(status == 200 and body["revision"] >= revision for status, body in replies)
     status, body = post(
         torchserve, "lenet", {**tensor_input(inputs[0].numpy()), "min_revision": revision + 100}

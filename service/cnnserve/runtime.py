@@ -83,8 +83,8 @@ class OnnxRuntime:
         self._override_values: list[object] = []
         if weights is not None:
             for name, tensor in weights.items():
-                # A private copy: ONNX Runtime reads this memory for the session's whole life, and the caller's
-                # tensors may be live parameters that the next fine-tune step changes in place.
+                # A private copy: ONNX Runtime reads this memory for the session's whole life, and the
+                # caller's tensors may be live parameters that the next fine-tune step changes in place.
                 array = np.array(tensor.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 self._override_values += [array, value]
