@@ -103,7 +103,6 @@ class TorchServeKeys:
 def render_config(settings: TorchServeSettings) -> str:
     """``config.properties`` for ``settings``."""
     store = settings.model_store.resolve()
-    models = settings.models or tuple(sorted(p.stem for p in store.glob("*.mar")))
     lines = {
         "inference_address": settings.url(settings.inference_port),
         "management_address": settings.url(settings.management_port),
@@ -113,7 +112,8 @@ def render_config(settings: TorchServeSettings) -> str:
         "grpc_management_address": settings.host,
         "grpc_management_port": settings.grpc_management_port,
         "model_store": store,
-        "load_models": ",".join(f"{name}={name}.mar" for name in models),
+        # "all": every archive in the store, under the name its manifest gives (`cnnserve archive --name`).
+        "load_models": ",".join(f"{name}={name}.mar" for name in settings.models) or "all",
         # Only archives already in the local store may ever be registered.
         "allowed_urls": f"file://{store}/.*\\.mar",
         "enable_model_api": "false",
@@ -176,12 +176,8 @@ class TorchServe:
                 "TorchServe needs Java 17+: install it with `sudo apt-get install openjdk-17-jre-headless`"
             )
         state = self.state_dir.resolve()
-        (state / "tmp").mkdir(parents=True, exist_ok=True)
-        (state / "logs").mkdir(exist_ok=True)
+        config, log_config = self.write_config()
         (state / KEY_FILE).unlink(missing_ok=True)
-        self.settings.revisions_dir.mkdir(parents=True, exist_ok=True)
-        (state / "config.properties").write_text(render_config(self.settings))
-        (state / "log4j2.xml").write_text(_LOG4J2)
         env = {
             **os.environ,
             "TMPDIR": str(state / "tmp"),  # TorchServe's pid file lives in TMPDIR: one per instance
@@ -190,19 +186,35 @@ class TorchServe:
             "METRICS_LOCATION": str(state / "logs"),
             "CNNSERVE_REVISIONS_DIR": str(self.settings.revisions_dir.resolve()),
         }
-        command = [
-            _torchserve_command(),
-            "--start",
-            "--foreground",
-            "--ncs",
-            "--ts-config", str(state / "config.properties"),
-            "--log-config", str(state / "log4j2.xml"),
-        ]  # fmt: skip
+        command = self.command(config, log_config)
         with open(state / "logs" / "torchserve.out", "ab") as output:
             self.process = subprocess.Popen(
                 command, cwd=state, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
         (state / PID_FILE).write_text(f"{self.process.pid}\n")
+
+    def write_config(self) -> tuple[Path, Path]:
+        """Write ``config.properties`` and ``log4j2.xml`` into the state directory; return their paths."""
+        state = self.state_dir.resolve()
+        (state / "tmp").mkdir(parents=True, exist_ok=True)
+        (state / "logs").mkdir(exist_ok=True)
+        self.settings.revisions_dir.mkdir(parents=True, exist_ok=True)
+        config, log_config = state / "config.properties", state / "log4j2.xml"
+        config.write_text(render_config(self.settings))
+        log_config.write_text(_LOG4J2)
+        return config, log_config
+
+    @staticmethod
+    def command(config: Path, log_config: Path) -> list[str]:
+        """The torchserve command line for a written configuration."""
+        return [
+            _torchserve_command(),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config", str(config),
+            "--log-config", str(log_config),
+        ]  # fmt: skip
 
     def _get(self, url: str, api: str, timeout: float = 5.0) -> Any:
         request = urllib.request.Request(url, headers=self.keys().header(api))

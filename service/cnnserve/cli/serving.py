@@ -21,6 +21,7 @@ def register(subparsers: Any) -> None:
     _add_bootstrap(subparsers)
     _add_serve(subparsers)
     _add_stop(subparsers)
+    _add_torchserve_config(subparsers)
 
 
 def _env(name: str, default: str) -> str:
@@ -246,6 +247,32 @@ def _alive(pid_file: Path) -> bool:
     except (ValueError, ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _add_torchserve_config(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "torchserve-config",
+        help="write TorchServe's config.properties and log4j2.xml for running it yourself (containers)",
+        description="Writes STATE_DIR/torchserve/config.properties and log4j2.xml exactly as "
+        "`cnnserve serve` would, then prints the torchserve command line to run with them.",
+    )
+    add_torchserve_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=_run_torchserve_config)
+
+
+def _run_torchserve_config(args: argparse.Namespace) -> int:
+    from cnnserve.torchserve import TorchServe
+
+    torchserve = TorchServe(torchserve_settings(args))
+    config, log_config = torchserve.write_config()
+    command = torchserve.command(config, log_config)
+    emit(
+        args,
+        {"config": str(config), "log_config": str(log_config), "command": command},
+        " ".join(command),
+    )
+    return EXIT_OK
 
 
 def _add_stop(subparsers: Any) -> None:
