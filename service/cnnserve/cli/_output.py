@@ -49,3 +49,6 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("cnnserve: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `cnnserve ... | head`: the reader left; that is not an error
+        sys.stderr.close()
+        return EXIT_OK

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from cnnserve.cli._output import EXIT_OK, emit
+from cnnserve.cli.remote import add_target_arguments, connect
 from cnnserve.errors import InvalidInputError
 
 __all__ = ["register"]
@@ -169,8 +170,50 @@ def _add_shapes(subparsers: Any) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="lenet")
     parser.add_argument("--num-classes", type=_positive_int, help="default: the architecture's default")
     parser.add_argument("--input", help="C,H,W (default: the model's input shape)")
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="ask the gateway about the served model --model (GetLayerShapes)",
+    )
+    add_target_arguments(parser)
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_run_shapes)
+
+
+def _remote_shapes(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from cnnserve.shapes import LayerInfo, LayerTable, parse_shape
+
+    shape = parse_shape(args.input) if args.input else ()
+    with connect(args) as client:
+        reply = client.layer_shapes(args.model, shape)
+    data = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    table = LayerTable(
+        input_shape=tuple(reply.input_shape),
+        output_shape=tuple(reply.output_shape),
+        layers=tuple(
+            LayerInfo(
+                layer.name,
+                layer.type,
+                tuple(layer.input_shape),
+                tuple(layer.output_shape),
+                layer.parameters,
+                layer.trainable,
+                layer.macs,
+            )
+            for layer in reply.layers
+        ),
+        total_parameters=reply.total_parameters,
+        trainable_parameters=reply.trainable_parameters,
+        total_macs=reply.total_macs,
+        parameter_bytes=reply.parameter_bytes,
+        activation_bytes=reply.activation_bytes,
+    )
+    emit(args, data, lambda: f"{reply.model} v{reply.version} (served)\n{table.format()}")
+    return EXIT_OK
 
 
 def _run_shapes(args: argparse.Namespace) -> int:
@@ -178,6 +221,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
     from cnnserve.models import build_model, get_spec
     from cnnserve.shapes import layer_shapes, parse_shape
 
+    if args.remote:
+        return _remote_shapes(args)
     if args.checkpoint:
         card = load_card(args.checkpoint)
         model = card.build_model()

@@ -157,17 +157,20 @@ def torchserve_settings(args: argparse.Namespace) -> Any:
 
 
 def _add_serve(subparsers: Any) -> None:
+    from cnnserve.gateway.settings import add_arguments
+
     parser = subparsers.add_parser(
         "serve",
-        help="start TorchServe with every model in the store (building the defaults when it is empty)",
+        help="start TorchServe and the gRPC gateway (building the default models when the store is empty)",
         description="Foreground by default: Ctrl-C or SIGTERM stops everything cleanly. With --detach, "
-        "returns once every model has a READY worker; `cnnserve stop` stops it.",
+        "returns once every model has a READY worker and the gateway's health is SERVING; `cnnserve stop` stops it. "
+        "The gateway is wired to the TorchServe this starts (its --torchserve* flags are ignored here).",
     )
     add_torchserve_arguments(parser)
+    add_arguments(parser)
     parser.add_argument("--detach", action="store_true", help="return once ready; stop with `cnnserve stop`")
-    parser.add_argument(
-        "--ready-timeout", type=float, default=300.0, help="seconds to wait for READY workers"
-    )
+    parser.add_argument("--no-gateway", dest="gateway", action="store_false", help="TorchServe only")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     parser.add_argument(
         "--no-build", dest="build", action="store_false", help="fail instead of building models"
     )
@@ -175,7 +178,30 @@ def _add_serve(subparsers: Any) -> None:
     parser.set_defaults(func=_run_serve)
 
 
+def _gateway_arguments(args: argparse.Namespace, settings: Any) -> list[str]:
+    """``cnnserve gateway`` flags: the user's gateway settings, wired to the TorchServe we start."""
+    from dataclasses import fields
+
+    from cnnserve.gateway.settings import GatewaySettings, settings_from_args
+
+    gateway = settings_from_args(args)
+    wired = {
+        "torchserve": f"{settings.host}:{settings.grpc_inference_port}",
+        "torchserve_management": f"{settings.host}:{settings.grpc_management_port}",
+        "torchserve_key_file": str((settings.state_dir / "key_file.json").resolve())
+        if settings.token_auth
+        else "",
+    }
+    flags = []
+    for field in fields(GatewaySettings):
+        value = wired.get(field.name, getattr(gateway, field.name))
+        flags += ["--" + field.name.replace("_", "-"), str(value)]
+    return flags
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    from cnnserve.gateway.settings import parse_address
+    from cnnserve.stack import GatewayProcess
     from cnnserve.torchserve import PID_FILE, TorchServe, read_keys
 
     settings = torchserve_settings(args)
@@ -194,33 +220,53 @@ def _run_serve(args: argparse.Namespace) -> int:
     models = tuple(sorted(p.stem for p in store.glob("*.mar")))
     started = time.monotonic()
     torchserve = TorchServe(settings)
+    gateway = None
     torchserve.start()
     try:
         torchserve.wait_ready(models, timeout=args.ready_timeout)
+        if args.gateway:
+            host, port = parse_address(args.gateway_listen)
+            gateway = GatewayProcess(
+                Path(args.state_dir), _gateway_arguments(args, settings), f"{host}:{port}"
+            )
+            gateway.start()
+            gateway.wait_serving(timeout=args.ready_timeout)
     except BaseException:
+        if gateway is not None:
+            gateway.stop()
         torchserve.stop()
         raise
     keys = read_keys(settings.state_dir)
     info = {
         "models": list(models),
         "ready_seconds": round(time.monotonic() - started, 2),
+        "grpc_gateway": gateway.target if gateway else None,
         "http_inference": settings.url(settings.inference_port),
-        "grpc_inference": f"{settings.host}:{settings.grpc_inference_port}",
+        "torchserve_grpc": f"{settings.host}:{settings.grpc_inference_port}",
         "token_auth": settings.token_auth,
         "key_file": str(settings.state_dir / "key_file.json") if settings.token_auth else None,
+        "logs": str(Path(args.state_dir)),
     }
-    example = f"curl -T digit.png {info['http_inference']}/predictions/lenet"
+    curl = f"curl -T digit.png {info['http_inference']}/predictions/lenet"
     if keys.inference:
-        example += f' -H "Authorization: Bearer $(jq -r .inference.key {info["key_file"]})"'
-    emit(args, info, f"serving {', '.join(models)} (ready in {info['ready_seconds']} s)\n  {example}")
+        curl += f' -H "Authorization: Bearer $(jq -r .inference.key {info["key_file"]})"'
+    lines = [f"serving {', '.join(models)} (ready in {info['ready_seconds']} s)"]
+    if gateway:
+        lines.append(f"  gRPC:  cnnserve classify digit.png --model lenet --target {gateway.target}")
+        lines.append(
+            f"         buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{gateway.target}"
+        )
+    lines.append(f"  HTTP:  {curl}")
+    lines.append("  stop:  Ctrl-C" + ("" if not args.detach else " / cnnserve stop"))
+    emit(args, info, "\n".join(lines))
     sys.stdout.flush()
     if args.detach:
-        torchserve.process = None  # keep it running after we exit
+        torchserve.process = None  # keep both running after we exit
         return EXIT_OK
-    return _wait_in_foreground(torchserve)
+    return _wait_in_foreground(torchserve, gateway)
 
 
-def _wait_in_foreground(torchserve: Any) -> int:
+def _wait_in_foreground(torchserve: Any, gateway: Any) -> int:
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -229,15 +275,18 @@ def _wait_in_foreground(torchserve: Any) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    processes = [p for p in (torchserve, gateway) if p is not None]
     try:
-        while not stopping and torchserve.process.poll() is None:
+        while not stopping and all(p.process.poll() is None for p in processes):
             time.sleep(0.2)
     finally:
-        code = torchserve.process.poll()
-        print("stopping TorchServe ...", file=sys.stderr)
+        died = [p for p in processes if p.process.poll() is not None]
+        print("stopping ...", file=sys.stderr)
+        if gateway is not None:
+            gateway.stop()  # first: it turns NOT_SERVING and drains its calls
         torchserve.stop()
-    if code is not None and not stopping:
-        raise FailedPreconditionError(f"TorchServe exited on its own ({code}): {torchserve.log_tail()}")
+    if died and not stopping:
+        raise FailedPreconditionError(f"{type(died[0]).__name__} exited on its own: {died[0].log_tail()}")
     return EXIT_OK
 
 
@@ -283,19 +332,24 @@ def _add_stop(subparsers: Any) -> None:
 
 
 def _run_stop(args: argparse.Namespace) -> int:
+    from cnnserve.stack import GATEWAY_PID_FILE
     from cnnserve.torchserve import PID_FILE, stop_process_group
 
+    state = Path(args.state_dir)
     stopped = []
-    for pid_file in sorted(Path(args.state_dir).glob(f"*/{PID_FILE}")) + sorted(
-        Path(args.state_dir).glob("*.pid")
+    # The gateway first: it turns NOT_SERVING and drains its calls while TorchServe still answers them.
+    for name, pid_file in (
+        ("gateway", state / GATEWAY_PID_FILE),
+        ("torchserve", state / "torchserve" / PID_FILE),
     ):
+        if not pid_file.exists():
+            continue
         try:
             pid = int(pid_file.read_text().strip())
         except ValueError:
-            pid_file.unlink()
-            continue
-        if stop_process_group(pid):
-            stopped.append(pid_file.parent.name if pid_file.name == PID_FILE else pid_file.stem)
+            pid = 0
+        if pid and stop_process_group(pid):
+            stopped.append(name)
         pid_file.unlink(missing_ok=True)
     emit(args, {"stopped": stopped}, f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return EXIT_OK

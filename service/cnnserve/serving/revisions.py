@@ -103,7 +103,7 @@ class RevisionStore:
                     }
                 )
 
-    # ---- reading (no lock) -------------------------------------------------------------------------------
+    # ---- reading (no lock) ----------------------------------------------------------------------
 
     def head(self) -> tuple[int, str]:
         """(revision, sha256) of the head, from the tiny HEAD file."""
@@ -133,7 +133,7 @@ class RevisionStore:
         path = self.base_weights if revision.file is None else self.directory / revision.file
         return load_weights(path, revision.sha256)
 
-    # ---- writing (under the lock) ------------------------------------------------------------------------
+    # ---- writing (under the lock) ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

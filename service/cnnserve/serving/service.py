@@ -125,7 +125,7 @@ class ModelService:
         self._trainer: _Trainer | None = None
         self._head_cache: Revision | None = None
 
-    # ---- the batch ----------------------------------------------------------------------------------------
+    # ---- the batch ------------------------------------------------------------------------------
 
     def handle(self, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
         """One reply per TorchServe request, in order."""
@@ -155,7 +155,7 @@ class ModelService:
         }
         return handlers[type(request)](request)
 
-    # ---- classify -----------------------------------------------------------------------------------------
+    # ---- classify -------------------------------------------------------------------------------
 
     def _head(self) -> Revision:
         """The head revision: one read of the HEAD file; the manifest only when the head has moved."""
@@ -305,7 +305,7 @@ class ModelService:
             self._runtimes.popitem(last=False)
         return runtime
 
-    # ---- the other operations ------------------------------------------------------------------------
+    # ---- the other operations -------------------------------------------------------------------
 
     def shapes(self, request: ShapesRequest) -> dict[str, Any]:
         shape = request.input_shape or self.card.input_shape

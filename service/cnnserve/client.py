@@ -1,0 +1,213 @@
+"""A small typed Python client for the cnnserve gateway.
+
+::
+
+    from cnnserve.client import ClassifierClient
+
+    with ClassifierClient("127.0.0.1:50051") as client:
+        result = client.classify("lenet", [open("digit.png", "rb").read()], top_k=3)
+        print(result.revision, result.predictions[0][0].label)
+        step = client.finetune_step("lenet", images, labels=[3, 1, 4], lr=0.01)
+        table = client.layer_shapes("alexnet", (3, 224, 224))
+
+Inputs are encoded image bytes, or :class:`~cnnserve.gateway.types.TensorInput` (float32, the model's
+preprocessed input). Failures raise :class:`cnnserve.errors.CnnserveError` subclasses, rebuilt from the
+gRPC status (with the field violations of INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cnnserve.errors import CnnserveError, ErrorKind, FieldViolation, error_from_kind
+from cnnserve.gateway import converters
+from cnnserve.gateway.types import (
+    ClassifyCall,
+    ClassifyResult,
+    FineTuneCall,
+    FineTuneResult,
+    ModelInput,
+    ModelStatus,
+    RevisionChange,
+    RevisionList,
+    TensorInput,
+)
+from cnnserve.v1 import classifier_pb2 as pb
+from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+
+__all__ = ["ClassifierClient", "error_from_rpc"]
+
+T = TypeVar("T")
+InputLike = bytes | TensorInput | ModelInput
+
+
+def _model_input(item: InputLike) -> ModelInput:
+    if isinstance(item, ModelInput):
+        return item
+    if isinstance(item, TensorInput):
+        return ModelInput(tensor=item)
+    return ModelInput(image=bytes(item))
+
+
+def error_from_rpc(error: grpc.RpcError) -> CnnserveError:
+    """The cnnserve error a failed call stands for, with BadRequest field violations when present."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    try:
+        kind = ErrorKind[code.name]
+    except KeyError:
+        kind = ErrorKind.INTERNAL
+    violations: list[FieldViolation] = []
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    message = error.details() if hasattr(error, "details") else str(error)
+    return error_from_kind(kind, message or code.name, tuple(violations))
+
+
+class ClassifierClient:
+    """Blocking client; ``token`` is sent as a bearer token, ``tls_ca`` (PEM path) turns TLS on."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        token: str | None = None,
+        tls_ca: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", 64 * 2**20),
+            ("grpc.max_receive_message_length", 64 * 2**20),
+        ]
+        if tls_ca:
+            with open(tls_ca, "rb") as stream:
+                self._channel = grpc.secure_channel(
+                    target, grpc.ssl_channel_credentials(stream.read()), options=options
+                )
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def __enter__(self) -> ClassifierClient:
+        return self
+
+    def __exit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def classify(
+        self,
+        model: str,
+        inputs: Sequence[InputLike],
+        top_k: int = 5,
+        revision: int | None = None,
+        min_revision: int | None = None,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> ClassifyResult:
+        call = ClassifyCall(
+            model, tuple(_model_input(i) for i in inputs), version, top_k, revision, min_revision
+        )
+        return converters.classify_result(
+            self._call(self._stub.Classify, converters.classify_request(call), timeout)
+        )
+
+    def classify_stream(
+        self, calls: Iterable[ClassifyCall], timeout: float | None = None
+    ) -> Iterator[ClassifyResult]:
+        """Bulk classification: results in the order of ``calls``."""
+        requests = (converters.classify_request(call) for call in calls)
+        try:
+            for response in self._stub.ClassifyStream(requests, timeout=timeout, metadata=self._metadata):
+                yield converters.classify_result(response)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def layer_shapes(
+        self, model: str, input_shape: Sequence[int] = (), version: str = "", timeout: float | None = None
+    ) -> pb.GetLayerShapesResponse:
+        request = pb.GetLayerShapesRequest(model=model, version=version, input_shape=list(input_shape))
+        response: pb.GetLayerShapesResponse = self._call(self._stub.GetLayerShapes, request, timeout)
+        return response
+
+    def finetune_step(
+        self,
+        model: str,
+        inputs: Sequence[InputLike],
+        labels: Sequence[int],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        train_layers: str = "all",
+        request_id: str = "",
+        expected_revision: int | None = None,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> FineTuneResult:
+        call = FineTuneCall(
+            model=model,
+            inputs=tuple(_model_input(i) for i in inputs),
+            labels=tuple(labels),
+            lr=lr,
+            version=version,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            train_layers=train_layers,
+            request_id=request_id,
+            expected_revision=expected_revision,
+        )
+        response = self._call(self._stub.FineTuneStep, converters.finetune_request(call), timeout)
+        return converters.finetune_result(response)
+
+    def list_models(self, timeout: float | None = None) -> list[ModelStatus]:
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [converters.model_status(m) for m in response.models]
+
+    def get_model(self, model: str, version: str = "", timeout: float | None = None) -> pb.Model:
+        response: pb.Model = self._call(
+            self._stub.GetModel, pb.GetModelRequest(model=model, version=version), timeout
+        )
+        return response
+
+    def list_revisions(self, model: str, version: str = "", timeout: float | None = None) -> RevisionList:
+        request = pb.ListRevisionsRequest(model=model, version=version)
+        return converters.revision_list(self._call(self._stub.ListRevisions, request, timeout))
+
+    def rollback(
+        self, model: str, to_revision: int, version: str = "", timeout: float | None = None
+    ) -> RevisionChange:
+        request = pb.RollbackRequest(model=model, version=version, to_revision=to_revision)
+        return converters.revision_change(self._call(self._stub.Rollback, request, timeout))
+
+    def reset(self, model: str, version: str = "", timeout: float | None = None) -> RevisionChange:
+        request = pb.ResetRequest(model=model, version=version)
+        return converters.revision_change(self._call(self._stub.Reset, request, timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING or NOT_SERVING, for the gateway ('') or a model (``cnnserve.v1.Classifier/<model>``)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the gateway, on their own registry (several gateways can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["GatewayMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rpcs = Counter(
+            "cnnserve_gateway_rpcs",
+            "RPCs answered, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cnnserve_gateway_rpc_latency_seconds",
+            "Time from receipt to reply, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_inputs = Histogram(
+            "cnnserve_gateway_batch_inputs",
+            "Inputs per micro-batch sent to TorchServe",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "cnnserve_gateway_shed",
+            "RPCs refused with RESOURCE_EXHAUSTED (over the concurrency limit)",
+            ["method"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("cnnserve_gateway_in_flight_rpcs", "RPCs in progress", registry=self.registry)
+        self.model_serving = Gauge(
+            "cnnserve_gateway_model_serving",
+            "1 when TorchServe has a READY worker for the model",
+            ["model"],
+            registry=self.registry,
+        )

@@ -1,0 +1,285 @@
+"""The gateway server: grpc.aio with interceptors (auth, load shedding), health, reflection and metrics.
+
+:func:`create_server` builds and starts it on an address (port 0 picks a free port; tests use that) and
+returns a :class:`RunningGateway`; :func:`serve` runs one until SIGTERM/SIGINT with a graceful shutdown:
+health turns NOT_SERVING first, new calls are refused, calls in flight get ``grace_period`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cnnserve.gateway.backend import Backend, TorchServeBackend
+from cnnserve.gateway.core import CoreSettings, Gateway
+from cnnserve.gateway.metrics import GatewayMetrics
+from cnnserve.gateway.servicer import ClassifierServicer
+from cnnserve.gateway.settings import GatewaySettings, parse_address
+from cnnserve.v1 import classifier_pb2, classifier_pb2_grpc
+
+__all__ = ["RunningGateway", "create_server", "serve", "SERVICE_NAME", "model_health_name"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name  # cnnserve.v1.Classifier
+_OUR_METHODS = f"/{SERVICE_NAME}/"
+_HEALTH_METHODS = "/grpc.health.v1.Health/"
+
+
+def model_health_name(model: str) -> str:
+    """The health-check service name for one model: ``cnnserve.v1.Classifier/<model>``."""
+    return f"{SERVICE_NAME}/{model}"
+
+
+def _abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails every call with ``code``."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call but the health checks."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_HEALTH_METHODS):
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        sent_bytes = sent.encode() if isinstance(sent, str) else sent
+        if not hmac.compare_digest(sent_bytes, self._expected):
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        return handler
+
+
+class LoadSheddingInterceptor(grpc.aio.ServerInterceptor):
+    """At most ``limit`` cnnserve calls at once; more are refused with RESOURCE_EXHAUSTED, never queued."""
+
+    def __init__(self, limit: int, metrics: GatewayMetrics) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(_OUR_METHODS):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def limited_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if not self._enter(method):
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
+                    )
+                try:
+                    return await inner(request, context)
+                finally:
+                    self._leave()
+
+            return grpc.unary_unary_rpc_method_handler(limited_unary, **kwargs)
+        inner_stream = handler.stream_stream
+
+        async def limited_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not self._enter(method):
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
+                )
+            try:
+                async for response in inner_stream(requests, context):
+                    yield response
+            finally:
+                self._leave()
+
+        return grpc.stream_stream_rpc_method_handler(limited_stream, **kwargs)
+
+    def _enter(self, method: str) -> bool:
+        # No await between the check and the increment: the event loop cannot interleave another call.
+        if self.in_flight >= self.limit:
+            self._metrics.shed.labels(method).inc()
+            return False
+        self.in_flight += 1
+        self._metrics.in_flight.set(self.in_flight)
+        return True
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self._metrics.in_flight.set(self.in_flight)
+
+
+@dataclass
+class RunningGateway:
+    server: grpc.aio.Server
+    port: int
+    gateway: Gateway
+    health: health.aio.HealthServicer
+    metrics: GatewayMetrics
+    settings: GatewaySettings
+    metrics_port: int | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _metrics_server: Any = None
+
+    async def update_health(self) -> None:
+        states = await self.gateway.refresh_models()
+        for model, serving in states.items():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self.health.set(model_health_name(model), status)
+            self.metrics.model_serving.labels(model).set(1 if serving else 0)
+        overall = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.gateway.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            try:
+                await self.update_health()
+            except Exception:
+                log.exception("health update failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        await self.gateway.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+
+def _server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
+    )
+
+
+async def create_server(
+    settings: GatewaySettings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
+) -> RunningGateway:
+    """Build, start and return the gateway. ``backend`` defaults to TorchServe as ``settings`` say."""
+    metrics = metrics or GatewayMetrics()
+    if backend is None:
+        backend = TorchServeBackend(
+            settings.torchserve,
+            settings.torchserve_management,
+            settings.torchserve_key_file or None,
+            max_message_bytes=settings.max_message_mb * 2**20,
+        )
+    core = Gateway(
+        backend,
+        CoreSettings(
+            max_inputs=settings.max_inputs, max_batch=settings.max_batch, max_in_flight=settings.max_in_flight
+        ),
+        on_batch=lambda model, size: metrics.batch_inputs.labels(model).observe(size),
+    )
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.token:
+        interceptors.append(AuthInterceptor(settings.token))
+    interceptors.append(LoadSheddingInterceptor(settings.max_concurrent_rpcs, metrics))
+    max_bytes = settings.max_message_mb * 2**20
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    host, port = parse_address(settings.listen)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    credentials = _server_credentials(settings)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    running = RunningGateway(server, bound, core, health_servicer, metrics, settings)
+    await core.start()
+    await running.update_health()
+    if settings.metrics_listen != "off":
+        from prometheus_client import start_http_server
+
+        metrics_host, metrics_port = parse_address(settings.metrics_listen)
+        running._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+        running.metrics_port = running._metrics_server.server_port
+    await server.start()
+    running._tasks.append(asyncio.get_running_loop().create_task(running._watch_health()))
+    log.info("gateway listening on %s:%d (TorchServe %s)", host, bound, settings.torchserve)
+    return running
+
+
+async def serve(settings: GatewaySettings, ready: Callable[[RunningGateway], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready(running)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, %.1f s grace for calls in flight", settings.grace_period)
+    with contextlib.suppress(asyncio.CancelledError):
+        await running.stop()

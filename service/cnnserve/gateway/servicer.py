@@ -1,0 +1,142 @@
+"""The gRPC servicer: each method converts, calls the core, converts back. Errors go through status.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from cnnserve.gateway import converters
+from cnnserve.gateway.core import Gateway
+from cnnserve.gateway.metrics import GatewayMetrics
+from cnnserve.gateway.status import to_status
+from cnnserve.v1 import classifier_pb2 as pb
+from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+
+__all__ = ["ClassifierServicer"]
+
+Response = TypeVar("Response")
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, stream_parallelism: int = 8) -> None:
+        self.gateway = gateway
+        self.metrics = metrics
+        self.stream_parallelism = stream_parallelism
+
+    async def _run(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        work: Callable[[float | None], Awaitable[Response]],
+    ) -> Response:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await work(context.time_remaining())
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as error:
+            status = to_status(error, method)
+            code = status.code.name
+            await context.abort(status.code, status.details, status.trailing_metadata)
+            raise AssertionError("unreachable: abort raises") from None
+        finally:
+            self.metrics.rpcs.labels(method, code).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
+        async def work(timeout: float | None) -> pb.ClassifyResponse:
+            result = await self.gateway.classify(converters.classify_call(request), timeout)
+            return converters.classify_response(result)
+
+        return await self._run("Classify", context, work)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Any
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        """Up to ``stream_parallelism`` requests in flight; responses leave in request order."""
+        pending: deque[asyncio.Task[pb.ClassifyResponse]] = deque()
+
+        async def classify(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
+            return await self._run(
+                "ClassifyStream",
+                context,
+                lambda timeout: self._classify_one(request, timeout),
+            )
+
+        try:
+            async for request in request_iterator:
+                pending.append(asyncio.get_running_loop().create_task(classify(request)))
+                while len(pending) >= self.stream_parallelism:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _classify_one(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
+        return converters.classify_response(
+            await self.gateway.classify(converters.classify_call(request), timeout)
+        )
+
+    async def GetLayerShapes(
+        self, request: pb.GetLayerShapesRequest, context: Any
+    ) -> pb.GetLayerShapesResponse:
+        async def work(timeout: float | None) -> pb.GetLayerShapesResponse:
+            return converters.shapes_response(
+                await self.gateway.layer_shapes(converters.shapes_call(request), timeout)
+            )
+
+        return await self._run("GetLayerShapes", context, work)
+
+    async def FineTuneStep(self, request: pb.FineTuneStepRequest, context: Any) -> pb.FineTuneStepResponse:
+        async def work(timeout: float | None) -> pb.FineTuneStepResponse:
+            return converters.finetune_response(
+                await self.gateway.finetune(converters.finetune_call(request), timeout)
+            )
+
+        return await self._run("FineTuneStep", context, work)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        async def work(timeout: float | None) -> pb.ListModelsResponse:
+            models = await self.gateway.list_models()
+            return pb.ListModelsResponse(models=[converters.model_status_message(m) for m in models])
+
+        return await self._run("ListModels", context, work)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.Model:
+        async def work(timeout: float | None) -> pb.Model:
+            return converters.model_message(
+                await self.gateway.get_model(request.model, request.version, timeout)
+            )
+
+        return await self._run("GetModel", context, work)
+
+    async def ListRevisions(self, request: pb.ListRevisionsRequest, context: Any) -> pb.ListRevisionsResponse:
+        async def work(timeout: float | None) -> pb.ListRevisionsResponse:
+            revisions = await self.gateway.list_revisions(request.model, request.version, timeout)
+            return converters.revision_list_response(revisions)
+
+        return await self._run("ListRevisions", context, work)
+
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.RevisionChange:
+        async def work(timeout: float | None) -> pb.RevisionChange:
+            change = await self.gateway.rollback(request.model, request.to_revision, request.version, timeout)
+            return converters.revision_change_response(change)
+
+        return await self._run("Rollback", context, work)
+
+    async def Reset(self, request: pb.ResetRequest, context: Any) -> pb.RevisionChange:
+        async def work(timeout: float | None) -> pb.RevisionChange:
+            return converters.revision_change_response(
+                await self.gateway.reset(request.model, request.version, timeout)
+            )
+
+        return await self._run("Reset", context, work)

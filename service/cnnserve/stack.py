@@ -1,0 +1,81 @@
+"""The gateway as a child process of ``cnnserve serve``: start it, wait for SERVING, stop it gracefully."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cnnserve.errors import UnavailableError
+from cnnserve.torchserve import stop_process_group
+
+__all__ = ["GatewayProcess", "GATEWAY_PID_FILE", "health_status"]
+
+GATEWAY_PID_FILE = "gateway.pid"
+
+
+def health_status(target: str, service: str = "", timeout: float = 2.0) -> str | None:
+    """The gRPC health status name at ``target`` (None when nothing answers)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class GatewayProcess:
+    """``cnnserve gateway`` in its own process group, logging to ``<state_dir>/gateway.log``."""
+
+    def __init__(self, state_dir: Path, arguments: Sequence[str], target: str) -> None:
+        self.state_dir = state_dir
+        self.arguments = list(arguments)
+        self.target = target
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "gateway.log"
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cnnserve.cli", "gateway", *self.arguments],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.state_dir / GATEWAY_PID_FILE).write_text(f"{self.process.pid}\n")
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise UnavailableError(
+                    f"the gateway exited with {self.process.returncode}: {self.log_tail()}"
+                )
+            if health_status(self.target) == "SERVING":
+                return
+            time.sleep(0.2)
+        raise UnavailableError(f"the gateway at {self.target} was not SERVING after {timeout:.0f} s")
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self.log_file.exists():
+            return ""
+        return "".join(self.log_file.read_text(errors="replace").splitlines(keepends=True)[-lines:]).strip()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None:
+            return
+        stop_process_group(self.process.pid, timeout)
+        self.process.wait()
+        self.process = None
+        (self.state_dir / GATEWAY_PID_FILE).unlink(missing_ok=True)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Build local stand-ins for the Docker Hub base images, for machines that cannot pull from Docker Hub:
+#
+#   cnnserve-local/debian:bookworm        a Debian 12 root filesystem made by debootstrap (needs root)
+#   cnnserve-local/python:3.11-bookworm   that plus Python 3.11 and venv: stands in for python:3.11-slim
+#   cnnserve-local/torchserve:0.12.0-cpu  the official TorchServe image's layout (local/Dockerfile.torchserve-base)
+#
+# Needs: root, debootstrap, a running Docker engine, Debian's mirror (apt) and a wheelhouse
+# (service/docker/wheelhouse.sh, made here when missing). Images that exist are kept; --rebuild remakes them.
+#
+#   service/docker/local-bases.sh [--rebuild]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source service/docker/common.sh
+
+rebuild=false
+case "${1:-}" in
+    --rebuild) rebuild=true ;;
+    "") ;;
+    *) die "usage: $0 [--rebuild]" ;;
+esac
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+rootfs=${CNNSERVE_ROOTFS_DIR:-var/docker/rootfs-bookworm}
+mkdir -p var/docker
+trap stop_wheelhouse EXIT
+start=$(date +%s)
+
+if $rebuild || ! image_exists "$LOCAL_PYTHON_IMAGE"; then
+    command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
+    [ "$(id -u)" -eq 0 ] || die "debootstrap needs root"
+    log "debootstrap: Debian bookworm + Python 3.11 into $rootfs"
+    rm -rf "$rootfs"
+    mkdir -p "$(dirname "$rootfs")"
+    debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+        bookworm "$rootfs" "$mirror" >var/docker/debootstrap.log 2>&1 \
+        || die "debootstrap failed: see var/docker/debootstrap.log"
+    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
+    tar -C "$rootfs" -c . | docker import \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["python3"]' \
+        - "$LOCAL_PYTHON_IMAGE" >/dev/null
+    docker tag "$LOCAL_PYTHON_IMAGE" "$LOCAL_DEBIAN_IMAGE"
+    rm -rf "$rootfs"
+fi
+log "$LOCAL_PYTHON_IMAGE: $(docker run --rm --network none "$LOCAL_PYTHON_IMAGE" python3 --version)"
+
+if $rebuild || ! image_exists "$LOCAL_TORCHSERVE_IMAGE"; then
+    [ -d "$WHEELHOUSE" ] || service/docker/wheelhouse.sh "$WHEELHOUSE"
+    serve_wheelhouse
+    log "building $LOCAL_TORCHSERVE_IMAGE (Java 17 from Debian, TorchServe from the wheelhouse)"
+    mapfile -t pip_args < <(offline_pip_args)
+    docker build --network host --file service/docker/local/Dockerfile.torchserve-base \
+        --build-arg "PYTHON_BASE_IMAGE=$LOCAL_PYTHON_IMAGE" "${pip_args[@]}" \
+        --tag "$LOCAL_TORCHSERVE_IMAGE" . >var/docker/torchserve-base.log 2>&1 \
+        || { tail -30 var/docker/torchserve-base.log >&2; die "build failed: var/docker/torchserve-base.log"; }
+    stop_wheelhouse
+fi
+log "$LOCAL_TORCHSERVE_IMAGE: $(docker run --rm --network none --entrypoint torchserve \
+    "$LOCAL_TORCHSERVE_IMAGE" --version)"
+log "local base images ready in $(( $(date +%s) - start )) s"
