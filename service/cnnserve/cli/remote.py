@@ -270,12 +270,14 @@ def _describe_model(model: Any) -> str:
     formats = ", ".join(
         f"{name} max diff {row.max_abs_diff:.1e}" for name, row in sorted(parity.formats.items())
     )
+    shape, resize = "x".join(map(str, model.input_shape)), "x".join(map(str, model.resize))
+    workers = f"{status.ready_workers}/{status.workers}"
     return "\n".join(
         [
-            f"{status.name} v{status.version}: {model.architecture}, {status.ready_workers}/{status.workers} workers "
-            f"ready, {model.serving_format} on {model.device}",
-            f"  input {'x'.join(map(str, model.input_shape))}; images resized to {'x'.join(map(str, model.resize))}, "
-            f"padded {model.pad}; mean {list(model.mean)} std {list(model.std)}",
+            f"{status.name} v{status.version}: {model.architecture}, {workers} workers ready, "
+            f"{model.serving_format} on {model.device}",
+            f"  input {shape}; images resized to {resize}, padded {model.pad}; "
+            f"mean {list(model.mean)} std {list(model.std)}",
             f"  classes ({len(model.labels)}): {', '.join(model.labels)}",
             f"  trained on {model.dataset}: test accuracy {model.test_accuracy:.2%}",
             f"  parity ({'passed' if parity.passed else 'FAILED'}, {parity.samples} images): {formats}",

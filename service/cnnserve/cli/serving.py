@@ -163,7 +163,8 @@ def _add_serve(subparsers: Any) -> None:
         "serve",
         help="start TorchServe and the gRPC gateway (building the default models when the store is empty)",
         description="Foreground by default: Ctrl-C or SIGTERM stops everything cleanly. With --detach, "
-        "returns once every model has a READY worker and the gateway's health is SERVING; `cnnserve stop` stops it. "
+        "returns once every model has a READY worker and the gateway's health is SERVING (stop it with "
+        "`cnnserve stop`). "
         "The gateway is wired to the TorchServe this starts (its --torchserve* flags are ignored here).",
     )
     add_torchserve_arguments(parser)
