@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,6 +13,10 @@ from cnnserve_export.config import TrainConfig
 from cnnserve_export.data import ImageData, load_dataset
 from cnnserve_export.export import ExportResult, export_checkpoint
 from cnnserve_export.train import TrainResult, train
+
+if TYPE_CHECKING:
+    from cnnserve.client import ClassifierClient
+    from tests.gateway_helpers import GatewayThread
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +76,8 @@ def model_store(
     """Archives of the session's models: LeNet with two workers, AlexNet with one."""
     from dataclasses import replace
 
-    from cnnserve_export.archive import build_archive, default_settings
+    from cnnserve_export.archive import build_archive
+    from cnnserve_export.config import default_settings
 
     store = tmp_path_factory.mktemp("model_store")
     build_archive(lenet_export.out, store, replace(default_settings("lenet"), min_workers=2, max_workers=2))
@@ -103,3 +109,23 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> I
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(torchserve: TorchServe) -> Iterator[GatewayThread]:
+    """A real gateway on a free port in front of the session's TorchServe."""
+    from tests.gateway_helpers import GatewayThread, settings_for
+
+    running = GatewayThread(settings_for(torchserve))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway: GatewayThread) -> Iterator[ClassifierClient]:
+    from cnnserve.client import ClassifierClient
+
+    with ClassifierClient(gateway.target, timeout=60) as connected:
+        yield connected

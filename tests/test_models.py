@@ -123,6 +123,10 @@ def test_parse_shape() -> None:
 
 
 def test_registry() -> None:
+    from cnnserve.architectures import ARCHITECTURES
+    from cnnserve.models import MODELS
+
+    assert sorted(ARCHITECTURES) == sorted(MODELS)
     assert get_spec("lenet").input_shape == (1, 32, 32)
     assert get_spec("alexnet").input_shape == (3, 224, 224)
     assert count(build_model("alexnet", num_classes=10)) == count(AlexNet(num_classes=10))

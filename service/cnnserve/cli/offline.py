@@ -26,7 +26,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train(subparsers: Any) -> None:
-    from cnnserve.models.registry import MODELS
+    from cnnserve.architectures import ARCHITECTURES
     from cnnserve_export.config import TrainConfig
 
     defaults = TrainConfig()
@@ -37,7 +37,7 @@ def _add_train(subparsers: Any) -> None:
         "model_card.json, metrics.jsonl and curves.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", choices=sorted(MODELS), default=defaults.model, help="architecture")
+    parser.add_argument("--model", choices=ARCHITECTURES, default=defaults.model, help="architecture")
     parser.add_argument(
         "--dataset",
         default=defaults.dataset,
@@ -158,7 +158,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_shapes(subparsers: Any) -> None:
-    from cnnserve.models.registry import MODELS
+    from cnnserve.architectures import ARCHITECTURES
 
     parser = subparsers.add_parser(
         "shapes",
@@ -167,7 +167,7 @@ def _add_shapes(subparsers: Any) -> None:
         "trained checkpoint/export directory.",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", nargs="?", help="a trained model to describe")
-    parser.add_argument("--model", choices=sorted(MODELS), default="lenet")
+    parser.add_argument("--model", choices=ARCHITECTURES, default="lenet")
     parser.add_argument("--num-classes", type=_positive_int, help="default: the architecture's default")
     parser.add_argument("--input", help="C,H,W (default: the model's input shape)")
     parser.add_argument(
@@ -183,7 +183,7 @@ def _add_shapes(subparsers: Any) -> None:
 def _remote_shapes(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from cnnserve.shapes import LayerInfo, LayerTable, parse_shape
+    from cnnserve.layer_table import LayerInfo, LayerTable, parse_shape
 
     shape = parse_shape(args.input) if args.input else ()
     with connect(args) as client:

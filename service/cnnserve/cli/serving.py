@@ -29,7 +29,7 @@ def _env(name: str, default: str) -> str:
 
 
 def _add_archive(subparsers: Any) -> None:
-    from cnnserve_export.archive import ArchiveSettings
+    from cnnserve_export.config import ArchiveSettings
 
     defaults = ArchiveSettings()
     parser = subparsers.add_parser(
@@ -58,7 +58,8 @@ def _run_archive(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from cnnserve.card import load_card
-    from cnnserve_export.archive import build_archive, default_settings
+    from cnnserve_export.archive import build_archive
+    from cnnserve_export.config import default_settings
 
     settings = default_settings(load_card(args.export_dir).architecture)
     overrides: dict[str, Any] = {"format": args.format, "device": args.device}

@@ -1,0 +1,454 @@
+"""The gateway, for real: grpc.aio on a free port, in front of the session's real TorchServe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from cnnserve.client import ClassifierClient
+from cnnserve.errors import (
+    ConflictError,
+    DeadlineExceededError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from cnnserve.gateway.types import ClassifyCall, ModelInput, TensorInput
+from cnnserve.preprocess import Preprocessing, prepare_images
+from cnnserve.torchserve import TorchServe
+from cnnserve.v1 import classifier_pb2 as pb
+from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from cnnserve_export.data import ImageData
+from cnnserve_export.export import ExportResult
+from tests.gateway_helpers import GatewayThread, settings_for
+from tests.helpers import png_bytes
+
+pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
+
+
+def digit_pngs(digits: ImageData, start: int, count: int) -> list[bytes]:
+    return [png_bytes(image[0].numpy()) for image in digits.test_images[start : start + count]]
+
+
+def tensor(array: np.ndarray) -> TensorInput:
+    return TensorInput(tuple(array.shape), array.astype("<f4").tobytes())
+
+
+def model_tensors(export: ExportResult, digits: ImageData, start: int, count: int) -> torch.Tensor:
+    return prepare_images(digits.test_images[start : start + count], Preprocessing.from_card(export.card))
+
+
+# ---- happy paths ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["lenet", "alexnet"])
+def test_classify_images_and_tensors(
+    model: str, client: ClassifierClient, digits: ImageData, request: pytest.FixtureRequest
+) -> None:
+    export: ExportResult = request.getfixturevalue(f"{model}_export")
+    inputs = model_tensors(export, digits, 0, 3)
+    with torch.no_grad():
+        from tests.test_torchserve import eager
+
+        expected = eager(export)(inputs).argmax(1).tolist()
+    result = client.classify(
+        model, [*digit_pngs(digits, 0, 2), tensor(inputs[2].numpy())], top_k=3, revision=0
+    )
+    assert (result.model, result.version, result.revision) == (model, "1.0", 0)
+    assert [scores[0].index for scores in result.predictions] == expected
+    assert all(len(scores) == 3 for scores in result.predictions)
+    assert result.timing.server_ms > 0 and result.timing.backend_ms > 0
+    single = client.classify(model, digit_pngs(digits, 0, 1), revision=0)
+    assert single.predictions[0][0].index == expected[0] and len(single.predictions[0]) == 5
+
+
+def test_classify_stream_answers_in_order(client: ClassifierClient, digits: ImageData) -> None:
+    pngs = digit_pngs(digits, 0, 20)
+    calls = [ClassifyCall("lenet", (ModelInput(image=png),), revision=0) for png in pngs]
+    streamed = list(client.classify_stream(calls))
+    singles = [client.classify("lenet", [png], revision=0) for png in pngs]
+    assert [r.predictions for r in streamed] == [r.predictions for r in singles]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "params"), [("lenet", (), 61_706), ("alexnet", (3, 224, 224), 57_044_810)]
+)
+def test_get_layer_shapes(model: str, shape: tuple[int, ...], params: int, client: ClassifierClient) -> None:
+    reply = client.layer_shapes(model, shape)
+    assert reply.total_parameters == params
+    assert list(reply.layers[0].output_shape) == ([6, 28, 28] if model == "lenet" else [64, 55, 55])
+    with pytest.raises(InvalidInputError) as caught:
+        client.layer_shapes(model, (3, 32, 32) if model == "alexnet" else (1, 8, 8))
+    assert ("features.12" if model == "alexnet" else "features.3") in caught.value.message
+    assert caught.value.violations[0].field == "input_shape"
+
+
+def test_finetune_step_and_revisions(client: ClassifierClient, digits: ImageData) -> None:
+    images, labels = digit_pngs(digits, 200, 16), digits.test_targets[200:216].tolist()
+    step = client.finetune_step("lenet", images, labels, lr=0.05)
+    assert step.revision == step.parent + 1 and not step.replayed and step.request_id
+    assert step.loss_after < step.loss_before
+    after = client.classify("lenet", images[:1], min_revision=step.revision)
+    assert after.revision >= step.revision
+    listing = client.list_revisions("lenet")
+    assert listing.head >= step.revision and listing.revisions[0].kind == "base"
+    rolled = client.rollback("lenet", step.parent)
+    assert rolled.revision.kind == "rollback" and rolled.weights_of == step.parent
+    reset = client.reset("lenet")
+    assert reset.revision.kind == "reset" and reset.weights_of == 0
+    assert client.classify("lenet", images[:1]).revision == reset.revision.revision
+
+
+def test_alexnet_finetunes_its_classifier(client: ClassifierClient, digits: ImageData) -> None:
+    step = client.finetune_step(
+        "alexnet",
+        digit_pngs(digits, 0, 4),
+        digits.test_targets[:4].tolist(),
+        lr=0.01,
+        train_layers="classifier",
+    )
+    assert step.model == "alexnet" and step.revision >= 1 and step.grad_norm > 0
+
+
+def test_list_and_get_models(client: ClassifierClient) -> None:
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == {"lenet", "alexnet"}
+    assert models["lenet"].ready_workers == 2 and models["lenet"].serving
+    model = client.get_model("lenet")
+    assert list(model.input_shape) == [1, 32, 32] and list(model.labels) == [str(i) for i in range(10)]
+    assert (
+        model.parity.passed
+        and model.parity.samples >= 64
+        and set(model.parity.formats) == {"onnx", "torchscript"}
+    )
+    assert model.serving_format == "onnx" and model.device == "cpu" and model.fine_tuning
+    assert sorted(model.formats) == ["onnx", "torchscript"] and model.status.versions == ["1.0"]
+
+
+# ---- micro-batching -----------------------------------------------------------------------------------
+
+
+def test_micro_batched_answers_equal_unbatched_and_each_caller_gets_its_own(
+    gateway: GatewayThread, client: ClassifierClient, digits: ImageData
+) -> None:
+    pngs = digit_pngs(digits, 300, 48)
+    unbatched = client.classify("lenet", pngs, revision=0, top_k=10)  # one request, no coalescing
+    before = gateway.running.gateway._batcher.stats.largest
+    barrier = threading.Barrier(48)
+
+    def one(index: int) -> tuple[int, list[tuple[int, float]]]:
+        barrier.wait()
+        result = client.classify("lenet", [pngs[index]], revision=0, top_k=10)
+        assert result.timing.batch_inputs >= 1
+        return index, [(s.index, s.probability) for s in result.predictions[0]], result.timing.batch_inputs  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(48) as pool:
+        replies = list(pool.map(one, range(48)))
+    for index, scores, _ in replies:  # type: ignore[misc]
+        expected = [(s.index, s.probability) for s in unbatched.predictions[index]]
+        assert [i for i, _ in scores] == [i for i, _ in expected]
+        np.testing.assert_allclose([p for _, p in scores], [p for _, p in expected], atol=1e-6)
+    assert max(size for _, _, size in replies) > 1  # type: ignore[misc]
+    assert gateway.running.gateway._batcher.stats.largest >= max(before, 2)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+def bad_request_fields(error: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    fields = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        assert detail.Unpack(bad)
+        fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+def raw_stub(gateway: GatewayThread) -> pb_grpc.ClassifierStub:
+    return pb_grpc.ClassifierStub(grpc.insecure_channel(gateway.target))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ([pb.Input(image=b"not an image at all")], "inputs[0].image"),
+        ([pb.Input(tensor=pb.Tensor(shape=[1, 32, 32], data=b"\x00" * 12))], "inputs[0].tensor.data"),
+        (
+            [pb.Input(tensor=pb.Tensor(shape=[1, 32, 32], data=np.full(1024, np.nan, "<f4").tobytes()))],
+            "inputs[0].tensor.data",
+        ),
+        (
+            [pb.Input(tensor=pb.Tensor(shape=[1, 31, 32], data=np.zeros(992, "<f4").tobytes()))],
+            "inputs[0].shape",
+        ),
+        ([pb.Input(image=b"x")] * 65, "inputs"),
+        ([pb.Input()], "inputs[0]"),
+    ],
+)
+def test_bad_input_is_invalid_argument_with_field_violations(
+    gateway: GatewayThread, inputs: list[pb.Input], field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_stub(gateway).Classify(pb.ClassifyRequest(model="lenet", inputs=inputs), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in bad_request_fields(caught.value)
+
+
+def test_message_over_the_size_limit(torchserve: TorchServe) -> None:
+    small = GatewayThread(settings_for(torchserve, max_message_mb=1, metrics_listen="off"))
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_stub(small).Classify(
+                pb.ClassifyRequest(model="lenet", inputs=[pb.Input(image=b"\x00" * (2 * 2**20))]), timeout=30
+            )
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        small.stop()
+
+
+def test_unknown_model_version_and_revision(client: ClassifierClient, digits: ImageData) -> None:
+    with pytest.raises(NotFoundError, match="unknown model 'resnet'"):
+        client.classify("resnet", digit_pngs(digits, 0, 1))
+    with pytest.raises(NotFoundError, match=r"no version '9\.9'"):
+        client.classify("lenet", digit_pngs(digits, 0, 1), version="9.9")
+    with pytest.raises(NotFoundError, match="revision 100000"):
+        client.classify("lenet", digit_pngs(digits, 0, 1), revision=100_000)
+
+
+def test_expired_deadline(client: ClassifierClient, digits: ImageData) -> None:
+    with pytest.raises(DeadlineExceededError):
+        client.classify("alexnet", digit_pngs(digits, 0, 8), timeout=0.001)
+
+
+def test_stale_expected_revision_is_aborted_and_request_ids_apply_once(
+    client: ClassifierClient, digits: ImageData
+) -> None:
+    images, labels = digit_pngs(digits, 400, 8), digits.test_targets[400:408].tolist()
+    head = client.list_revisions("lenet").head
+    with pytest.raises(ConflictError, match="not the expected"):
+        client.finetune_step("lenet", images, labels, lr=0.01, expected_revision=head + 50)
+    first = client.finetune_step(
+        "lenet", images, labels, lr=0.01, request_id="test-once", expected_revision=head
+    )
+    again = client.finetune_step("lenet", images, labels, lr=0.01, request_id="test-once")
+    assert again.replayed and again.revision == first.revision == head + 1
+    assert client.list_revisions("lenet").head == head + 1
+
+
+def test_bad_finetune_requests(client: ClassifierClient, digits: ImageData) -> None:
+    images = digit_pngs(digits, 0, 2)
+    with pytest.raises(InvalidInputError, match="labels"):
+        client.finetune_step("lenet", images, [1], lr=0.1)
+    with pytest.raises(InvalidInputError, match="lr"):
+        client.finetune_step("lenet", images, [1, 2], lr=-1.0)
+    with pytest.raises(InvalidInputError, match="outside"):
+        client.finetune_step("lenet", images, [1, 12], lr=0.1)
+
+
+def test_load_is_shed_not_queued(torchserve: TorchServe, digits: ImageData) -> None:
+    tight = GatewayThread(settings_for(torchserve, max_concurrent_rpcs=2, metrics_listen="off"))
+    images = digit_pngs(digits, 0, 16)
+    outcomes: list[str] = []
+    try:
+        with ClassifierClient(tight.target) as burst_client:
+
+            def call(_: int) -> None:
+                try:
+                    burst_client.classify("alexnet", images, revision=0)
+                    outcomes.append("ok")
+                except OverloadedError:
+                    outcomes.append("shed")
+
+            with ThreadPoolExecutor(12) as pool:
+                list(pool.map(call, range(12)))
+        assert "shed" in outcomes and "ok" in outcomes
+        shed = tight.running.metrics.shed.labels("Classify")._value.get()
+        assert shed == outcomes.count("shed")
+    finally:
+        tight.stop()
+
+
+def test_backend_down_is_unavailable(tmp_path: Path, digits: ImageData) -> None:
+    from tests.torchserve_helpers import free_ports
+
+    ports = free_ports(2)
+    from cnnserve.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(
+        listen="127.0.0.1:0",
+        metrics_listen="off",
+        torchserve=f"127.0.0.1:{ports[0]}",
+        torchserve_management=f"127.0.0.1:{ports[1]}",
+        torchserve_key_file="",
+    )
+    lonely = GatewayThread(settings)
+    try:
+        with ClassifierClient(lonely.target) as lonely_client:
+            with pytest.raises(UnavailableError):
+                lonely_client.classify("lenet", digit_pngs(digits, 0, 1))
+            assert lonely_client.health() == "NOT_SERVING"
+    finally:
+        lonely.stop()
+
+
+# ---- health, reflection, auth, TLS, metrics -----------------------------------------------------------
+
+
+def test_health_overall_and_per_model(gateway: GatewayThread) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(gateway.target))
+    for service in (
+        "",
+        "cnnserve.v1.Classifier",
+        "cnnserve.v1.Classifier/lenet",
+        "cnnserve.v1.Classifier/alexnet",
+    ):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Check(health_pb2.HealthCheckRequest(service="cnnserve.v1.Classifier/resnet"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_service(gateway: GatewayThread) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(gateway.target))
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"cnnserve.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+
+def test_health_flips_to_not_serving_on_shutdown(torchserve: TorchServe, digits: ImageData) -> None:
+    doomed = GatewayThread(settings_for(torchserve, metrics_listen="off", grace_period=3.0))
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(doomed.target))
+    assert (
+        stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    statuses = []
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+    with ClassifierClient(doomed.target) as slow_client, ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(slow_client.classify, "alexnet", digit_pngs(digits, 0, 16), revision=0)
+        time.sleep(0.05)
+        stopper = pool.submit(doomed.stop, 3.0)
+        for update in watch:
+            statuses.append(update.status)
+            if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+        assert len(in_flight.result(timeout=30).predictions) == 16  # finished inside the grace period
+        stopper.result(timeout=30)
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_bearer_token(torchserve: TorchServe, digits: ImageData) -> None:
+    guarded = GatewayThread(settings_for(torchserve, token="s3cret", metrics_listen="off"))
+    try:
+        with ClassifierClient(guarded.target) as anonymous, pytest.raises(UnauthenticatedError):
+            anonymous.classify("lenet", digit_pngs(digits, 0, 1))
+        with ClassifierClient(guarded.target, token="wrong") as wrong, pytest.raises(UnauthenticatedError):
+            wrong.list_models()
+        with ClassifierClient(guarded.target, token="s3cret") as authorized:
+            assert authorized.classify("lenet", digit_pngs(digits, 0, 1)).model == "lenet"
+        with ClassifierClient(guarded.target) as prober:  # health checks need no token
+            assert prober.health() == "SERVING"
+    finally:
+        guarded.stop()
+
+
+def test_tls(torchserve: TorchServe, tmp_path: Path, digits: ImageData) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    secure = GatewayThread(
+        settings_for(torchserve, tls_cert=str(cert), tls_key=str(key), metrics_listen="off")
+    )
+    try:
+        with ClassifierClient(secure.target, tls_ca=str(cert)) as tls_client:
+            assert tls_client.classify("lenet", digit_pngs(digits, 0, 1)).model == "lenet"
+        with ClassifierClient(secure.target, timeout=3) as plain, pytest.raises(UnavailableError):
+            plain.list_models()
+    finally:
+        secure.stop()
+
+
+def test_prometheus_metrics(gateway: GatewayThread, client: ClassifierClient, digits: ImageData) -> None:
+    client.classify("lenet", digit_pngs(digits, 0, 1))
+    with pytest.raises(NotFoundError):
+        client.classify("resnet", digit_pngs(digits, 0, 1))
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{gateway.running.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert 'cnnserve_gateway_rpcs_total{code="OK",method="Classify"}' in text
+    assert 'cnnserve_gateway_rpcs_total{code="NOT_FOUND",method="Classify"}' in text
+    assert "cnnserve_gateway_rpc_latency_seconds_bucket" in text
+    assert 'cnnserve_gateway_batch_inputs_count{model="lenet"}' in text
+    assert 'cnnserve_gateway_model_serving{model="alexnet"} 1.0' in text
+    assert "cnnserve_gateway_shed_total" in text or "cnnserve_gateway_shed" in text
+
+
+# ---- the CLI against the live stack --------------------------------------------------------------------
+
+
+def cnnserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cnnserve.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_against_the_live_gateway(gateway: GatewayThread, tmp_path: Path, digits: ImageData) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_pngs(digits, 0, 1)[0])
+    target = ["--target", gateway.target]
+    classified = cnnserve("classify", str(image), "--model", "lenet", "--top-k", "2", "--json", *target)
+    assert classified.returncode == 0, classified.stderr
+    assert json.loads(classified.stdout)["results"][0]["top_k"][0]["label"] in [str(i) for i in range(10)]
+    shapes = cnnserve("shapes", "--model", "alexnet", "--input", "3,224,224", "--remote", "--json", *target)
+    assert shapes.returncode == 0 and json.loads(shapes.stdout)["layers"][0]["output_shape"] == [64, 55, 55]
+    tuned = cnnserve(
+        "finetune",
+        "--model",
+        "lenet",
+        "--dataset",
+        "digits",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--json",
+        *target,
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    rows = [json.loads(line) for line in tuned.stdout.splitlines() if line.startswith('{"step"')]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["revision"] == rows[0]["revision"] + 1
+    listed = cnnserve("revisions", "--model", "lenet", "--json", *target)
+    assert json.loads(listed.stdout)["head"] == rows[1]["revision"]
+    reset = cnnserve("revisions", "--model", "lenet", "--reset", *target)
+    assert reset.returncode == 0 and "reset" in reset.stdout
+    models = cnnserve("models", "--json", *target)
+    assert {m["name"] for m in json.loads(models.stdout)} == {"lenet", "alexnet"}
+    missing = cnnserve("classify", str(image), "--model", "resnet", *target)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr and "unknown model" in missing.stderr
