@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -108,15 +108,16 @@ class ResetRequest:
     pass
 
 
-Request = (
-    ClassifyRequest
-    | ShapesRequest
-    | FineTuneRequest
-    | InfoRequest
-    | RevisionsRequest
-    | RollbackRequest
-    | ResetRequest
-)
+# typing.Union, not "A | B": this module runs in TorchServe workers, which may be Python 3.9.
+Request = Union[
+    ClassifyRequest,
+    ShapesRequest,
+    FineTuneRequest,
+    InfoRequest,
+    RevisionsRequest,
+    RollbackRequest,
+    ResetRequest,
+]
 
 
 def encode_json(payload: Mapping[str, Any]) -> bytes:
@@ -124,7 +125,7 @@ def encode_json(payload: Mapping[str, Any]) -> bytes:
 
 
 def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
         return value.encode()
@@ -263,7 +264,7 @@ def _float(body: Mapping[str, Any], key: str, default: float | None) -> float:
     value = body.get(key, default)
     if value is None:
         raise InvalidInputError.for_field(key, "is required")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInputError.for_field(key, f"expected a finite number, got {value!r}")
     return float(value)
 

@@ -140,7 +140,7 @@ class ModelService:
                     replies[index] = Reply(200, encode_json(self._dispatch(request)))
             except CnnserveError as exc:
                 replies[index] = _error_reply(exc)
-        for pending, reply in zip(classify, self._classify(classify), strict=True):
+        for pending, reply in zip(classify, self._classify(classify)):  # same length by construction
             replies[pending.index] = reply
         return [reply for reply in replies if reply is not None]
 
@@ -244,7 +244,7 @@ class ModelService:
             outputs = np.concatenate(
                 [runtime.run(stacked[s : s + step]) for s in range(0, len(stacked), step)]
             )
-            for (pending, position), row in zip(live, outputs, strict=True):
+            for (pending, position), row in zip(live, outputs):  # one output row per input
                 logits[(pending.index, position)] = row
         finished = time.perf_counter()
 
