@@ -1,7 +1,7 @@
 """Build a TorchServe model archive (``model_store/<name>.mar``) from an export directory.
 
-The archive is self-contained: the serialized model (and the other exported format), the model card, the
-trained weights (the fine-tune base), the parity report, ``model-config.yaml``, the handler, and the part of
+The archive is self-contained: the serialized model in the served format, the model card, the trained
+weights (the fine-tune base), the parity report, ``model-config.yaml``, the handler, and the part of
 the ``cnnserve`` package the handler imports. TorchServe puts the extracted archive first on the worker's
 ``PYTHONPATH``, so a worker runs exactly the handler code the archive was built with; it needs only the
 third-party packages (torch, onnxruntime, safetensors, Pillow, numpy) installed.
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import cnnserve
-from cnnserve.card import CARD_FILE, load_card
+from cnnserve.card import load_card, save_card
 from cnnserve.errors import FailedPreconditionError, InvalidInputError
 from cnnserve.runtime import EXPORT_FILES, FORMATS
 from cnnserve_export.config import ArchiveSettings, default_settings
@@ -104,9 +104,13 @@ def build_archive(export_dir: str | Path, model_store: str | Path, settings: Arc
                 )
             else:
                 shutil.copy2(source, stage / "cnnserve" / part)
-        for file in [CARD_FILE, card.weights_file, PARITY_FILE, *card.exports.values()]:
-            if file != EXPORT_FILES[settings.format] and (export_dir / file).exists():
+        for file in (card.weights_file, PARITY_FILE):
+            if (export_dir / file).exists():
                 shutil.copy2(export_dir / file, stage / file)
+        # Only the served format travels (the weights are in it and in the safetensors fine-tune base
+        # already; AlexNet's other format would add 228 MB). The archived card says what the archive holds.
+        card.exports = {settings.format: EXPORT_FILES[settings.format]}
+        save_card(card, stage)
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(_model_config(settings))
         handler_file = Path(tmp) / f"{HANDLER_MODULE}.py"

@@ -5,7 +5,8 @@ Read once, in the handler's ``initialize`` (the worker's ``main``), never at imp
 ========================== ================================ ===============================================
 model-config.yaml key      environment variable             meaning
 ========================== ================================ ===============================================
-``format``                 ``CNNSERVE_FORMAT``              ``onnx`` or ``torchscript`` runtime for classify
+``format``                 ``CNNSERVE_FORMAT``              runtime for classify: the archive's format (onnx
+                                                            or torchscript, ``cnnserve archive --format``)
 ``threads``                ``CNNSERVE_WORKER_THREADS``      intra-op threads per worker (default 1)
 ``max_inputs``             ``CNNSERVE_MAX_INPUTS``          inputs per classify request (default 64)
 ``max_finetune_batch``     ``CNNSERVE_MAX_FINETUNE_BATCH``  inputs per fine-tune step (default 256)
