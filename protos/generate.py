@@ -42,7 +42,9 @@ def generate(out: Path) -> list[Path]:
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed for {package}")
         package_dir = out / package
-        (package_dir / "__init__.py").write_text('"""Generated gRPC stubs (protos/generate.py). Do not edit."""\n')
+        (package_dir / "__init__.py").write_text(
+            '"""Generated gRPC stubs (protos/generate.py). Do not edit."""\n'
+        )
         for proto in protos:
             for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
                 path = package_dir / f"{proto.stem}{suffix}"
@@ -60,7 +62,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
         if args.check:
-            stale = [f for f in files if not (OUTPUT_ROOT / f).exists() or not filecmp.cmp(Path(tmp) / f, OUTPUT_ROOT / f, shallow=False)]
+            stale = [
+                f
+                for f in files
+                if not (OUTPUT_ROOT / f).exists()
+                or not filecmp.cmp(Path(tmp) / f, OUTPUT_ROOT / f, shallow=False)
+            ]
             for file in stale:
                 print(f"stale generated stub: service/{file}", file=sys.stderr)
             if stale:

@@ -19,12 +19,7 @@ class DescribeModelRequest(_message.Message):
     model_name: str
     model_version: str
     customized: bool
-    def __init__(
-        self,
-        model_name: _Optional[str] = ...,
-        model_version: _Optional[str] = ...,
-        customized: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., customized: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("limit", "next_page_token")

@@ -13,7 +13,6 @@ class TrainLayers(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAIN_LAYERS_UNSPECIFIED: _ClassVar[TrainLayers]
     TRAIN_LAYERS_ALL: _ClassVar[TrainLayers]
     TRAIN_LAYERS_CLASSIFIER: _ClassVar[TrainLayers]
-
 TRAIN_LAYERS_UNSPECIFIED: TrainLayers
 TRAIN_LAYERS_ALL: TrainLayers
 TRAIN_LAYERS_CLASSIFIER: TrainLayers
@@ -32,9 +31,7 @@ class Input(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     tensor: Tensor
-    def __init__(
-        self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...
-    ) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "top_k", "revision", "min_revision")
@@ -50,15 +47,7 @@ class ClassifyRequest(_message.Message):
     top_k: int
     revision: int
     min_revision: int
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...,
-        top_k: _Optional[int] = ...,
-        revision: _Optional[int] = ...,
-        min_revision: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., revision: _Optional[int] = ..., min_revision: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("label", "index", "probability")
@@ -68,9 +57,7 @@ class ClassScore(_message.Message):
     label: str
     index: int
     probability: float
-    def __init__(
-        self, label: _Optional[str] = ..., index: _Optional[int] = ..., probability: _Optional[float] = ...
-    ) -> None: ...
+    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("top_k",)
@@ -86,12 +73,7 @@ class Timing(_message.Message):
     server_ms: float
     backend_ms: float
     batch_inputs: int
-    def __init__(
-        self,
-        server_ms: _Optional[float] = ...,
-        backend_ms: _Optional[float] = ...,
-        batch_inputs: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, server_ms: _Optional[float] = ..., backend_ms: _Optional[float] = ..., batch_inputs: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("model", "version", "revision", "predictions", "timing")
@@ -105,14 +87,7 @@ class ClassifyResponse(_message.Message):
     revision: int
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     timing: Timing
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        revision: _Optional[int] = ...,
-        predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...,
-        timing: _Optional[_Union[Timing, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class GetLayerShapesRequest(_message.Message):
     __slots__ = ("model", "version", "input_shape")
@@ -122,12 +97,7 @@ class GetLayerShapesRequest(_message.Message):
     model: str
     version: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        input_shape: _Optional[_Iterable[int]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "type", "input_shape", "output_shape", "parameters", "trainable", "macs")
@@ -145,30 +115,10 @@ class Layer(_message.Message):
     parameters: int
     trainable: bool
     macs: int
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        type: _Optional[str] = ...,
-        input_shape: _Optional[_Iterable[int]] = ...,
-        output_shape: _Optional[_Iterable[int]] = ...,
-        parameters: _Optional[int] = ...,
-        trainable: _Optional[bool] = ...,
-        macs: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., trainable: _Optional[bool] = ..., macs: _Optional[int] = ...) -> None: ...
 
 class GetLayerShapesResponse(_message.Message):
-    __slots__ = (
-        "model",
-        "version",
-        "input_shape",
-        "output_shape",
-        "layers",
-        "total_parameters",
-        "trainable_parameters",
-        "total_macs",
-        "parameter_bytes",
-        "activation_bytes",
-    )
+    __slots__ = ("model", "version", "input_shape", "output_shape", "layers", "total_parameters", "trainable_parameters", "total_macs", "parameter_bytes", "activation_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -189,33 +139,10 @@ class GetLayerShapesResponse(_message.Message):
     total_macs: int
     parameter_bytes: int
     activation_bytes: int
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        input_shape: _Optional[_Iterable[int]] = ...,
-        output_shape: _Optional[_Iterable[int]] = ...,
-        layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...,
-        total_parameters: _Optional[int] = ...,
-        trainable_parameters: _Optional[int] = ...,
-        total_macs: _Optional[int] = ...,
-        parameter_bytes: _Optional[int] = ...,
-        activation_bytes: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., total_parameters: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., total_macs: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
 
 class FineTuneStepRequest(_message.Message):
-    __slots__ = (
-        "model",
-        "version",
-        "inputs",
-        "labels",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "train_layers",
-        "request_id",
-        "expected_revision",
-    )
+    __slots__ = ("model", "version", "inputs", "labels", "lr", "momentum", "weight_decay", "train_layers", "request_id", "expected_revision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -236,35 +163,10 @@ class FineTuneStepRequest(_message.Message):
     train_layers: TrainLayers
     request_id: str
     expected_revision: int
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...,
-        labels: _Optional[_Iterable[int]] = ...,
-        lr: _Optional[float] = ...,
-        momentum: _Optional[float] = ...,
-        weight_decay: _Optional[float] = ...,
-        train_layers: _Optional[_Union[TrainLayers, str]] = ...,
-        request_id: _Optional[str] = ...,
-        expected_revision: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., labels: _Optional[_Iterable[int]] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., train_layers: _Optional[_Union[TrainLayers, str]] = ..., request_id: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class FineTuneStepResponse(_message.Message):
-    __slots__ = (
-        "model",
-        "version",
-        "revision",
-        "parent",
-        "step",
-        "loss_before",
-        "loss_after",
-        "batch_accuracy",
-        "grad_norm",
-        "replayed",
-        "request_id",
-        "timing",
-    )
+    __slots__ = ("model", "version", "revision", "parent", "step", "loss_before", "loss_after", "batch_accuracy", "grad_norm", "replayed", "request_id", "timing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -289,21 +191,7 @@ class FineTuneStepResponse(_message.Message):
     replayed: bool
     request_id: str
     timing: Timing
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        revision: _Optional[int] = ...,
-        parent: _Optional[int] = ...,
-        step: _Optional[int] = ...,
-        loss_before: _Optional[float] = ...,
-        loss_after: _Optional[float] = ...,
-        batch_accuracy: _Optional[float] = ...,
-        grad_norm: _Optional[float] = ...,
-        replayed: _Optional[bool] = ...,
-        request_id: _Optional[str] = ...,
-        timing: _Optional[_Union[Timing, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., batch_accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -323,15 +211,7 @@ class ModelStatus(_message.Message):
     workers: int
     ready_workers: int
     serving: bool
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        version: _Optional[str] = ...,
-        versions: _Optional[_Iterable[str]] = ...,
-        workers: _Optional[int] = ...,
-        ready_workers: _Optional[int] = ...,
-        serving: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ..., ready_workers: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -353,9 +233,7 @@ class FormatParity(_message.Message):
     TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     max_abs_diff: float
     top1_agreement: float
-    def __init__(
-        self, max_abs_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ...
-    ) -> None: ...
+    def __init__(self, max_abs_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ...) -> None: ...
 
 class ParityReport(_message.Message):
     __slots__ = ("passed", "samples", "dataset", "formats")
@@ -365,10 +243,7 @@ class ParityReport(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: FormatParity
-        def __init__(
-            self, key: _Optional[str] = ..., value: _Optional[_Union[FormatParity, _Mapping]] = ...
-        ) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FormatParity, _Mapping]] = ...) -> None: ...
     PASSED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -377,33 +252,10 @@ class ParityReport(_message.Message):
     samples: int
     dataset: str
     formats: _containers.MessageMap[str, FormatParity]
-    def __init__(
-        self,
-        passed: _Optional[bool] = ...,
-        samples: _Optional[int] = ...,
-        dataset: _Optional[str] = ...,
-        formats: _Optional[_Mapping[str, FormatParity]] = ...,
-    ) -> None: ...
+    def __init__(self, passed: _Optional[bool] = ..., samples: _Optional[int] = ..., dataset: _Optional[str] = ..., formats: _Optional[_Mapping[str, FormatParity]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = (
-        "status",
-        "architecture",
-        "input_shape",
-        "labels",
-        "formats",
-        "serving_format",
-        "device",
-        "parity",
-        "revision",
-        "fine_tuning",
-        "mean",
-        "std",
-        "resize",
-        "pad",
-        "test_accuracy",
-        "dataset",
-    )
+    __slots__ = ("status", "architecture", "input_shape", "labels", "formats", "serving_format", "device", "parity", "revision", "fine_tuning", "mean", "std", "resize", "pad", "test_accuracy", "dataset")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -436,25 +288,7 @@ class Model(_message.Message):
     pad: int
     test_accuracy: float
     dataset: str
-    def __init__(
-        self,
-        status: _Optional[_Union[ModelStatus, _Mapping]] = ...,
-        architecture: _Optional[str] = ...,
-        input_shape: _Optional[_Iterable[int]] = ...,
-        labels: _Optional[_Iterable[str]] = ...,
-        formats: _Optional[_Iterable[str]] = ...,
-        serving_format: _Optional[str] = ...,
-        device: _Optional[str] = ...,
-        parity: _Optional[_Union[ParityReport, _Mapping]] = ...,
-        revision: _Optional[int] = ...,
-        fine_tuning: _Optional[bool] = ...,
-        mean: _Optional[_Iterable[float]] = ...,
-        std: _Optional[_Iterable[float]] = ...,
-        resize: _Optional[_Iterable[int]] = ...,
-        pad: _Optional[int] = ...,
-        test_accuracy: _Optional[float] = ...,
-        dataset: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., formats: _Optional[_Iterable[str]] = ..., serving_format: _Optional[str] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., revision: _Optional[int] = ..., fine_tuning: _Optional[bool] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[_Iterable[int]] = ..., pad: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class ListRevisionsRequest(_message.Message):
     __slots__ = ("model", "version")
@@ -482,17 +316,7 @@ class Revision(_message.Message):
     created_unix: float
     pruned: bool
     request_id: str
-    def __init__(
-        self,
-        revision: _Optional[int] = ...,
-        kind: _Optional[str] = ...,
-        parent: _Optional[int] = ...,
-        step: _Optional[int] = ...,
-        sha256: _Optional[str] = ...,
-        created_unix: _Optional[float] = ...,
-        pruned: _Optional[bool] = ...,
-        request_id: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, revision: _Optional[int] = ..., kind: _Optional[str] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., sha256: _Optional[str] = ..., created_unix: _Optional[float] = ..., pruned: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListRevisionsResponse(_message.Message):
     __slots__ = ("model", "head", "revisions")
@@ -502,12 +326,7 @@ class ListRevisionsResponse(_message.Message):
     model: str
     head: int
     revisions: _containers.RepeatedCompositeFieldContainer[Revision]
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        head: _Optional[int] = ...,
-        revisions: _Optional[_Iterable[_Union[Revision, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., head: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[Revision, _Mapping]]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("model", "version", "to_revision")
@@ -517,9 +336,7 @@ class RollbackRequest(_message.Message):
     model: str
     version: str
     to_revision: int
-    def __init__(
-        self, model: _Optional[str] = ..., version: _Optional[str] = ..., to_revision: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., to_revision: _Optional[int] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("model", "version")
@@ -537,9 +354,4 @@ class RevisionChange(_message.Message):
     model: str
     revision: Revision
     weights_of: int
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        revision: _Optional[_Union[Revision, _Mapping]] = ...,
-        weights_of: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., weights_of: _Optional[int] = ...) -> None: ...
