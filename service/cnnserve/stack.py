@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnnserve.errors import UnavailableError
-from cnnserve.torchserve import stop_process_group
+from cnnserve.processes import stop_child, tail
 
 __all__ = ["GatewayProcess", "GATEWAY_PID_FILE", "health_status"]
 
@@ -68,14 +68,9 @@ class GatewayProcess:
         raise UnavailableError(f"the gateway at {self.target} was not SERVING after {timeout:.0f} s")
 
     def log_tail(self, lines: int = 15) -> str:
-        if not self.log_file.exists():
-            return ""
-        return "".join(self.log_file.read_text(errors="replace").splitlines(keepends=True)[-lines:]).strip()
+        return tail(self.log_file, lines)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None:
-            return
-        stop_process_group(self.process.pid, timeout)
-        self.process.wait()
-        self.process = None
-        (self.state_dir / GATEWAY_PID_FILE).unlink(missing_ok=True)
+        if self.process is not None:
+            stop_child(self.process, self.state_dir / GATEWAY_PID_FILE, timeout)
+            self.process = None

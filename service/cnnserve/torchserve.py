@@ -12,11 +12,9 @@ only from the local model store.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,8 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from cnnserve.errors import FailedPreconditionError, UnavailableError
+from cnnserve.processes import stop_child, stop_process_group, tail
 
-__all__ = ["TorchServeSettings", "TorchServeKeys", "TorchServe", "render_config", "read_keys", "java_version"]
+__all__ = [
+    "TorchServeSettings",
+    "TorchServeKeys",
+    "TorchServe",
+    "render_config",
+    "read_keys",
+    "java_version",
+    "PID_FILE",
+    "stop_process_group",
+]
 
 KEY_FILE = "key_file.json"
 PID_FILE = "torchserve.pid"
@@ -246,36 +254,10 @@ class TorchServe:
             time.sleep(0.25)
 
     def log_tail(self, lines: int = 20) -> str:
-        text = ""
-        for name in ("torchserve.out", "model_log.log", "ts_log.log"):
-            path = self.state_dir / "logs" / name
-            if path.exists():
-                text += "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
-        return text.strip()[-3000:]
+        names = ("torchserve.out", "model_log.log", "ts_log.log")
+        return "\n".join(tail(self.state_dir / "logs" / name, lines) for name in names)[-3000:]
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None:
-            return
-        stop_process_group(self.process.pid, timeout)
-        self.process.wait()
-        self.process = None
-        (self.state_dir / PID_FILE).unlink(missing_ok=True)
-
-
-def stop_process_group(pid: int, timeout: float = 30.0) -> bool:
-    """SIGTERM the process group led by ``pid``, SIGKILL it after ``timeout``; False when it was not there."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        with contextlib.suppress(ChildProcessError):  # reap it if it is our child
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
-    return True
+        if self.process is not None:
+            stop_child(self.process, self.state_dir / PID_FILE, timeout)
+            self.process = None

@@ -334,8 +334,9 @@ def _add_stop(subparsers: Any) -> None:
 
 
 def _run_stop(args: argparse.Namespace) -> int:
+    from cnnserve.processes import stop_process_group
     from cnnserve.stack import GATEWAY_PID_FILE
-    from cnnserve.torchserve import PID_FILE, stop_process_group
+    from cnnserve.torchserve import PID_FILE
 
     state = Path(args.state_dir)
     stopped = []

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=os.environ.get("CNNSERVE_GATEWAY_TARGET", "127.0.0.1:50051"))
+    parser.add_argument("--target", default=os.environ.get("CNNSERVE_TARGET", "127.0.0.1:50051"))
     parser.add_argument(
         "--service", default="", help="'' (overall), cnnserve.v1.Classifier or cnnserve.v1.Classifier/<model>"
     )
