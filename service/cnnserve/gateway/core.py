@@ -52,6 +52,7 @@ __all__ = ["CoreSettings", "Gateway"]
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1000
+_UNKNOWN_MODEL_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class Gateway:
         )
         self._models: dict[str, ModelStatus] = {}
         self._backend_up = False
+        self._refreshed_at = float("-inf")
 
     # ---- lifecycle and health -------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class Gateway:
 
     async def refresh_models(self) -> dict[str, bool]:
         """Re-read models and worker states from the backend; returns {model: serving}."""
+        self._refreshed_at = time.monotonic()
         try:
             models = await self.backend.models()
             self._models = {m.name: m for m in models}
@@ -230,8 +233,9 @@ class Gateway:
     async def _known(self, model: str) -> ModelStatus:
         _check_model_name(model)
         status = self._models.get(model)
-        if status is None:
-            await self.refresh_models()  # registered since the last poll?
+        if status is None and time.monotonic() - self._refreshed_at > _UNKNOWN_MODEL_REFRESH_S:
+            # Registered since the last poll? (At most once a second: unknown names must not flood it.)
+            await self.refresh_models()
             status = self._models.get(model)
         if status is None:
             if not self._backend_up:
