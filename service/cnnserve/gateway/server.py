@@ -113,10 +113,7 @@ class LoadSheddingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def limited_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if not self._enter(method):
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
-                    )
+                await self._enter(method, context)
                 try:
                     return await inner(request, context)
                 finally:
@@ -126,10 +123,7 @@ class LoadSheddingInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.stream_stream
 
         async def limited_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if not self._enter(method):
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
-                )
+            await self._enter(method, context)
             try:
                 async for response in inner_stream(requests, context):
                     yield response
@@ -138,14 +132,16 @@ class LoadSheddingInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.stream_stream_rpc_method_handler(limited_stream, **kwargs)
 
-    def _enter(self, method: str) -> bool:
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Take a slot, or fail the call with RESOURCE_EXHAUSTED (``abort`` raises)."""
         # No await between the check and the increment: the event loop cannot interleave another call.
         if self.in_flight >= self.limit:
             self._metrics.shed.labels(method).inc()
-            return False
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
+            )
         self.in_flight += 1
         self._metrics.in_flight.set(self.in_flight)
-        return True
 
     def _leave(self) -> None:
         self.in_flight -= 1
