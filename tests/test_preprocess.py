@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_images
+from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded, prepare_images
 from tests.helpers import png_bytes
 
 LENET = Preprocessing(channels=1, resize=(28, 28), pad=2, mean=(0.5,), std=(0.25,))
@@ -98,3 +98,15 @@ def test_decode_tensor() -> None:
 def test_decode_bad_tensors(data: bytes, shape: list[int], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         decode_tensor(data, shape, (1, 32, 32))
+
+
+def test_prepare_decoded_batches_by_size_and_keeps_order() -> None:
+    small = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    large = torch.randint(0, 256, (1, 20, 12), dtype=torch.uint8)
+    tensor = torch.randn(1, 1, 32, 32)
+    prepared = prepare_decoded([small, tensor, large, small], LENET)
+    assert [p.shape for p in prepared] == [(1, 1, 32, 32)] * 4
+    assert torch.equal(prepared[0], prepare_images(small[None], LENET))
+    assert torch.equal(prepared[1], tensor)
+    assert torch.allclose(prepared[2], prepare_images(large[None], LENET))
+    assert torch.equal(prepared[3], prepared[0])

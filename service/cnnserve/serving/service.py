@@ -21,7 +21,7 @@ import torch
 
 from cnnserve.card import ModelCard, load_card
 from cnnserve.errors import CnnserveError, ConflictError, InvalidInputError, NotFoundError
-from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_images
+from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded
 from cnnserve.runtime import Runtime, load_runtime
 from cnnserve.serving.finetune import StepSettings, sgd_step
 from cnnserve.serving.protocol import (
@@ -185,15 +185,15 @@ class ModelService:
         return revision
 
     def _decode(self, raw: RawInput, index: int) -> torch.Tensor:
+        """A tensor input as ``(1, C, H, W)`` float, or an image as uint8 ``(C, H, W)`` (prepared later)."""
         if raw.shape is not None:
             return decode_tensor(raw.data, raw.shape, self.card.input_shape, field=f"inputs[{index}]")[None]
         try:
-            image = decode_image(raw.data, self.pre.channels)
+            return decode_image(raw.data, self.pre.channels)
         except InvalidInputError as exc:
             raise InvalidInputError.for_field(
                 f"inputs[{index}].image", exc.violations[0].description
             ) from None
-        return prepare_images(image[None], self.pre)
 
     def _classify(self, batch: list[_Pending]) -> list[Reply]:
         if not batch:
@@ -225,6 +225,7 @@ class ModelService:
                         errors.setdefault(pending.index, exc)
                     continue
                 groups.setdefault(pending.revision.sha256, []).append((pending, position))
+        self._prepare([p for p in batch if p.index not in errors])
         preprocessed = time.perf_counter()
 
         logits: dict[tuple[int, int], np.ndarray] = {}
@@ -279,6 +280,13 @@ class ModelService:
             }
             replies.append(Reply(200, encode_json(body)))
         return replies
+
+    def _prepare(self, batch: list[_Pending]) -> None:
+        """Preprocess every decoded image of the batch at once (one call per image size)."""
+        slots = [(p, i) for p in batch for i, t in enumerate(p.tensors) if isinstance(t, torch.Tensor)]
+        prepared = prepare_decoded([p.tensors[i] for p, i in slots], self.pre)  # type: ignore[misc]
+        for (pending, position), tensor in zip(slots, prepared):
+            pending.tensors[position] = tensor
 
     def _top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
         shifted = np.exp(logits - logits.max())
@@ -384,7 +392,9 @@ class ModelService:
             raise InvalidInputError.for_field(
                 "labels", f"{bad[0]} is outside [0, {self.card.num_classes}) for {self.name}"
             )
-        inputs = torch.cat([self._decode(raw, i) for i, raw in enumerate(request.inputs)])
+        inputs = torch.cat(
+            prepare_decoded([self._decode(raw, i) for i, raw in enumerate(request.inputs)], self.pre)
+        )
         labels = torch.tensor(request.labels, dtype=torch.int64)
         settings = StepSettings(request.lr, request.momentum, request.weight_decay, request.train_layers)
 
