@@ -108,3 +108,16 @@ def test_a_caller_that_gives_up_is_dropped_from_its_batch() -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(RecordingBackend().send, max_batch=0)
+
+
+def test_concurrency_limit_sheds_instead_of_queueing() -> None:
+    from cnnserve.errors import OverloadedError
+    from cnnserve.gateway.limits import ConcurrencyLimit
+
+    seen: list[int] = []
+    limit = ConcurrencyLimit(2, seen.append)
+    with limit.admit(), limit.admit():
+        with pytest.raises(OverloadedError, match="over 2 concurrent calls"), limit.admit():
+            pass
+        assert limit.in_flight == 2
+    assert limit.in_flight == 0 and seen == [1, 2, 1, 0]

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cnnserve.gateway.backend import Backend, TorchServeBackend
 from cnnserve.gateway.core import CoreSettings, Gateway
+from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics
 from cnnserve.gateway.servicer import ClassifierServicer
 from cnnserve.gateway.settings import GatewaySettings, parse_address
@@ -86,66 +87,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not hmac.compare_digest(sent_bytes, self._expected):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         return handler
-
-
-class LoadSheddingInterceptor(grpc.aio.ServerInterceptor):
-    """At most ``limit`` cnnserve calls at once; more are refused with RESOURCE_EXHAUSTED, never queued."""
-
-    def __init__(self, limit: int, metrics: GatewayMetrics) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(_OUR_METHODS):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def limited_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await self._enter(method, context)
-                try:
-                    return await inner(request, context)
-                finally:
-                    self._leave()
-
-            return grpc.unary_unary_rpc_method_handler(limited_unary, **kwargs)
-        inner_stream = handler.stream_stream
-
-        async def limited_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await self._enter(method, context)
-            try:
-                async for response in inner_stream(requests, context):
-                    yield response
-            finally:
-                self._leave()
-
-        return grpc.stream_stream_rpc_method_handler(limited_stream, **kwargs)
-
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Take a slot, or fail the call with RESOURCE_EXHAUSTED (``abort`` raises)."""
-        # No await between the check and the increment: the event loop cannot interleave another call.
-        if self.in_flight >= self.limit:
-            self._metrics.shed.labels(method).inc()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {self.limit} concurrent calls; retry later"
-            )
-        self.in_flight += 1
-        self._metrics.in_flight.set(self.in_flight)
-
-    def _leave(self) -> None:
-        self.in_flight -= 1
-        self._metrics.in_flight.set(self.in_flight)
 
 
 @dataclass
@@ -227,7 +168,6 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.token:
         interceptors.append(AuthInterceptor(settings.token))
-    interceptors.append(LoadSheddingInterceptor(settings.max_concurrent_rpcs, metrics))
     max_bytes = settings.max_message_mb * 2**20
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -240,7 +180,10 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics), server)
+    # Shedding lives in the servicer, not in an interceptor: an interceptor that wraps handlers builds a new
+    # handler object on every call, on the gateway's hottest path.
+    limit = ConcurrencyLimit(settings.max_concurrent_rpcs, metrics.in_flight.set)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics, limit), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -10,8 +10,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cnnserve.errors import OverloadedError
 from cnnserve.gateway import converters
 from cnnserve.gateway.core import Gateway
+from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics
 from cnnserve.gateway.status import to_status
 from cnnserve.v1 import classifier_pb2 as pb
@@ -23,9 +25,12 @@ Response = TypeVar("Response")
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, stream_parallelism: int = 8) -> None:
+    def __init__(
+        self, gateway: Gateway, metrics: GatewayMetrics, limit: ConcurrencyLimit, stream_parallelism: int = 8
+    ) -> None:
         self.gateway = gateway
         self.metrics = metrics
+        self.limit = limit
         self.stream_parallelism = stream_parallelism
 
     async def _run(
@@ -37,11 +42,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         started = time.perf_counter()
         code = "OK"
         try:
-            return await work(context.time_remaining())
+            with self.limit.admit():
+                return await work(context.time_remaining())
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as error:
+        except Exception as error:  # every failure becomes a status, here and only here
+            if isinstance(error, OverloadedError):
+                self.metrics.shed.labels(method).inc()
             status = to_status(error, method)
             code = status.code.name
             await context.abort(status.code, status.details, status.trailing_metadata)
