@@ -73,14 +73,19 @@ def repo_root() -> Path:
 def model_store(
     tmp_path_factory: pytest.TempPathFactory, lenet_export: ExportResult, alexnet_export: ExportResult
 ) -> Path:
-    """Archives of the session's models: LeNet with two workers, AlexNet with one."""
+    """Archives of the session's models: LeNet with two workers, AlexNet with one; TorchServe batching on
+    (it is off by default) so that batches of several requests reach the real handler."""
     from dataclasses import replace
 
     from cnnserve_export.archive import build_archive
     from cnnserve_export.config import default_settings
 
     store = tmp_path_factory.mktemp("model_store")
-    build_archive(lenet_export.out, store, replace(default_settings("lenet"), min_workers=2, max_workers=2))
+    build_archive(
+        lenet_export.out,
+        store,
+        replace(default_settings("lenet"), min_workers=2, max_workers=2, batch_size=8),
+    )
     build_archive(alexnet_export.out, store, replace(default_settings("alexnet"), batch_size=4))
     return store
 

@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cnnserve.cli import offline, remote, serving
+from cnnserve.cli import bench, offline, remote, serving
 from cnnserve.cli._output import run_command
 
 __all__ = ["main", "build_parser"]
 
 # Each module adds its sub-commands; later ones (serving, client, bench) register here the same way.
-_COMMAND_MODULES = (offline, serving, remote)
+_COMMAND_MODULES = (offline, serving, remote, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

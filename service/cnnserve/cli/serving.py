@@ -36,8 +36,8 @@ def _add_archive(subparsers: Any) -> None:
         "archive",
         help="build model_store/<name>.mar for TorchServe from an export directory",
         description="Package an export (model, card, weights, handler and its modules, model-config.yaml) "
-        "with torch-model-archiver. Batch and worker defaults depend on the architecture (AlexNet: batch 8, "
-        "1 worker; LeNet: batch 16, 2 workers) unless given.",
+        "with torch-model-archiver. TorchServe batching is off by default (the gateway micro-batches); "
+        "workers depend on the architecture (AlexNet 1, LeNet 2) unless given.",
     )
     parser.add_argument("export_dir", metavar="EXPORT_DIR")
     parser.add_argument("--model-store", default=_env("CNNSERVE_MODEL_STORE", "model_store"))

@@ -1,0 +1,296 @@
+"""The order a benchmark run goes in, and what it leaves behind.
+
+1. model artifacts (built once into the work directory, then reused);
+2. in-process baselines, while nothing else of ours runs;
+3. the servers: the echo server, TorchServe and the gateway (full run) or a gateway on the in-process
+   backend (smoke run); the load points, with the systems being compared run next to each other in time
+   (one concurrency level, every system; then the next) so that drift in the machine's load hits them alike;
+4. fine-tune steps through the gateway (last: every step makes a new revision the workers then serve);
+5. cold starts of ``cnnserve serve --detach``, after everything else has stopped;
+6. ``results.json``, ``README.md`` and the plots in the output directory.
+
+Everything started is stopped on the way out, failures included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cnnserve.bench.loadgen import LoadGenerator, LoadSpec
+from cnnserve.bench.report import TargetResult, evaluate_targets, write_plots, write_readme, write_results
+from cnnserve.bench.results import Row
+from cnnserve.bench.scenarios import Images
+from cnnserve.bench.settings import BenchSettings
+from cnnserve.errors import FailedPreconditionError
+
+__all__ = ["Report", "run", "describe_machine"]
+
+Log = Callable[[str], None]
+# Inputs per call for the batched gateway points: the ort-inprocess batch each is compared with.
+BATCHED = {"lenet": 64, "alexnet": 32}
+INPROCESS_BATCHES = {"lenet": (1, 64), "alexnet": (1, 32)}
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    targets: list[TargetResult]
+    files: list[Path]
+    duration_s: float
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_machine() -> dict[str, Any]:
+    cpu_model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    memory_gib = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    from cnnserve.torchserve import java_version
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime"),
+        "torchserve": _version("torchserve"),
+        "grpcio": _version("grpcio"),
+        "java": java_version() or "none",
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def _inprocess(settings: BenchSettings, exports: dict[str, Path], images: Images, log: Log) -> Iterator[Row]:
+    from cnnserve.bench import scenarios
+
+    budget = settings.budget
+    for model, export in exports.items():
+        for batch in INPROCESS_BATCHES[model]:
+            for fmt, name in (("onnx", "ort-inprocess"), ("torchscript", "torchscript-inprocess")):
+                if settings.wants(name):
+                    log(f"{name}: {model}, batch {batch}")
+                    yield scenarios.inprocess_runtime(fmt, model, export, images, batch, budget)
+            if settings.wants("service-inprocess"):
+                log(f"service-inprocess: {model}, {batch} image(s) per call")
+                yield scenarios.service_inprocess(model, export, images, batch, budget)
+    if "lenet" in exports and (settings.wants("finetune-inprocess") or settings.wants("finetune-sgd-step")):
+        log("finetune-inprocess: LeNet, 64 images")
+        yield from scenarios.finetune_inprocess(exports["lenet"], images, budget, settings.finetune_steps)
+
+
+class _Servers:
+    """What the load points run against in this run, and the handles to stop them."""
+
+    def __init__(self) -> None:
+        self.echo: Any = None
+        self.stack: Any = None  # ServerStack (full run)
+        self.inprocess: Any = None  # InProcessGateway (smoke run)
+
+    @property
+    def gateway_target(self) -> str:
+        return str(self.stack.gateway_target if self.stack else self.inprocess.target)
+
+    @property
+    def metrics_url(self) -> str:
+        return str(self.stack.metrics_url if self.stack else self.inprocess.metrics_url)
+
+    def pids(self) -> dict[str, int]:
+        pids = dict(self.stack.pids()) if self.stack else {}
+        if self.echo is not None:
+            pids["echo"] = self.echo.pid
+        return pids
+
+    def stop(self) -> None:
+        for item in (self.stack, self.inprocess, self.echo):
+            if item is not None:
+                item.stop()
+
+
+def _load_points(
+    settings: BenchSettings,
+    servers: _Servers,
+    loadgen: LoadGenerator,
+    exports: dict[str, Path],
+    images: Images,
+    log: Log,
+) -> Iterator[Row]:
+    from cnnserve.bench.scenarios import load_point, model_tensors
+    from cnnserve.bench.stack import CpuMeter, GatewayBatches
+
+    budget = settings.budget
+    meter = CpuMeter(servers.pids())
+    batches = GatewayBatches(servers.metrics_url)
+    stack = servers.stack
+    key = stack.inference_key if stack else ""
+    backend = "torchserve" if stack else "inprocess"
+    models = [m for m in BATCHED if m in exports]
+
+    def spec(kind: str, target: str, model: str, concurrency: int, per_call: int = 1) -> LoadSpec:
+        return LoadSpec(
+            kind=kind,
+            target=target,
+            model=model,
+            images=images.png,
+            concurrency=concurrency,
+            duration_s=budget.duration_s,
+            warmup_s=budget.warmup_s,
+            reps=budget.reps,
+            images_per_call=per_call,
+            token=key,
+        )
+
+    for model in models:
+        for concurrency in settings.concurrency:
+            # The gateway serves the default archives: TorchServe batch size 1, the gateway micro-batches.
+            gateway = {"backend": backend, "batching": "off" if stack else None}
+            points: list[tuple[str, LoadSpec, dict[str, Any]]] = [
+                ("gateway", spec("gateway", servers.gateway_target, model, concurrency), gateway)
+            ]
+            if stack is not None:
+                # The same calls to the -batched twin show what TorchServe's own batching adds behind it.
+                batched = spec("gateway", servers.gateway_target, f"{model}-batched", concurrency)
+                points.append(("gateway", batched, {"backend": backend, "batching": "on"}))
+                for name, target in (
+                    ("torchserve-grpc", stack.grpc_target),
+                    ("torchserve-http", stack.http_target),
+                ):
+                    for batching, registration in (("on", f"{model}-batched"), ("off", model)):
+                        load = spec(name, target, registration, concurrency)
+                        points.append((name, load, {"batching": batching}))
+            if model == "lenet" and servers.echo is not None:
+                points.append(("grpc-echo", spec("grpc-echo", servers.echo.target, model, concurrency), {}))
+            for name, load, fields in points:
+                if not settings.wants(name):
+                    continue
+                variant = f", batching {fields['batching']}" if "batching" in fields else ""
+                log(f"{name}: {load.model}{variant}, {concurrency} client(s)")
+                yield load_point(loadgen, load, name, meter, batches if name == "gateway" else None, **fields)
+        if settings.wants("gateway"):
+            per_call = BATCHED[model]
+            log(f"gateway: {model}, {per_call} images per call, 1 client")
+            load = spec("gateway", servers.gateway_target, model, 1, per_call)
+            yield load_point(
+                loadgen, load, "gateway", meter, batches, backend=backend, batching=gateway["batching"]
+            )
+            # The same call with the model's own input: what PNG decoding and resizing cost in the handler.
+            log(f"gateway: {model}, {per_call} preprocessed tensors per call, 1 client")
+            shape, tensors = model_tensors(exports[model], images, 8)
+            load = replace(load, images=tensors, tensor_shape=shape)
+            yield load_point(
+                loadgen,
+                load,
+                "gateway",
+                meter,
+                batches,
+                backend=backend,
+                batching=gateway["batching"],
+                inputs="tensor",
+            )
+
+
+def run(
+    settings: BenchSettings, log: Log = lambda message: print(message, file=sys.stderr, flush=True)
+) -> Report:
+    """Run the benchmark as ``settings`` say and write its results into ``settings.out``."""
+    from cnnserve.bench import scenarios
+    from cnnserve.bench.echo import EchoServer
+    from cnnserve.bench.stack import InProcessGateway, ServerStack, find_exports, prepare_artifacts
+
+    started = time.monotonic()
+    machine = describe_machine()
+    work_dir = settings.work_dir
+    if settings.smoke:
+        exports = find_exports(work_dir, ("lenet",))
+        if not exports:
+            raise FailedPreconditionError(
+                f"no LeNet export under {work_dir}/build/lenet/export: run `cnnserve bench` once (it builds "
+                f"one) or `cnnserve bootstrap --work-dir {work_dir}/build`"
+            )
+        artifacts = None
+    else:
+        artifacts = prepare_artifacts(work_dir, log)
+        exports = {m: path for m, path in artifacts.exports.items() if m in settings.models}
+    images = scenarios.sample_images()
+    rows: list[Row] = list(_inprocess(settings, exports, images, log))
+
+    servers = _Servers()
+    state_dir = work_dir / ("smoke-state" if settings.smoke else "state")
+    server_names = {"gateway", "torchserve-grpc", "torchserve-http", "grpc-echo", "finetune-gateway"}
+    if any(settings.wants(name) for name in server_names):
+        with LoadGenerator(work_dir / "loadgen.log") as loadgen:
+            try:
+                if settings.wants("grpc-echo"):
+                    servers.echo = EchoServer()
+                if artifacts is not None:
+                    servers.stack = ServerStack(artifacts, state_dir, settings.gateway_args)
+                    servers.stack.start(log)
+                else:
+                    state_dir.mkdir(parents=True, exist_ok=True)
+                    servers.inprocess = InProcessGateway(exports, state_dir / "revisions")
+                rows += _load_points(settings, servers, loadgen, exports, images, log)
+                if settings.wants("finetune-gateway") and "lenet" in exports:
+                    log("finetune-gateway: LeNet, 64 images")
+                    row = scenarios.finetune_gateway(
+                        servers.gateway_target, images, settings.budget, settings.finetune_steps
+                    )
+                    row.backend = "torchserve" if servers.stack else "inprocess"
+                    rows.append(row)
+            finally:
+                servers.stop()
+
+    if artifacts is not None and artifacts.model_store is not None and settings.wants("cold-start"):
+        log(f"cold-start: {settings.cold_start_reps} x `cnnserve serve --detach` -> first Classify")
+        rows.append(
+            scenarios.cold_start(
+                artifacts.model_store, work_dir / "cold-start", images.png[0], settings.cold_start_reps, log
+            )
+        )
+
+    targets = evaluate_targets(rows)
+    duration = time.monotonic() - started
+    settings.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": machine,
+        "settings": {
+            "smoke": settings.smoke,
+            **asdict(settings.budget),
+            "concurrency": list(settings.concurrency),
+            "models": list(settings.models),
+            "only": sorted(settings.only) if settings.only else None,
+            "gateway_args": list(settings.gateway_args),
+        },
+        "duration_s": round(duration, 1),
+    }
+    plots = write_plots(settings.out, rows)
+    files = [
+        write_results(settings.out, rows, targets, meta),
+        write_readme(settings.out, rows, targets, meta, plots),
+        *(settings.out / name for name in plots),
+    ]
+    return Report(rows, targets, files, duration)

@@ -1,0 +1,34 @@
+"""The benchmark's settings: one typed object, built by ``cnnserve bench`` from its flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Budget", "BenchSettings"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each point runs."""
+
+    duration_s: float = 4.0  # one repetition of a load point; the timed phase of an in-process point
+    warmup_s: float = 2.0  # thrown away before every point
+    reps: int = 3  # repetitions of a load point (timed points: at least this many calls)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    out: Path  # results.json, README.md, PNGs
+    work_dir: Path  # model artifacts (reused) and the run's server state
+    budget: Budget = Budget()
+    smoke: bool = False  # seconds-long: in-process models, echo, a gateway on the in-process backend
+    concurrency: tuple[int, ...] = (1, 8, 64)
+    models: tuple[str, ...] = ("lenet", "alexnet")  # smoke runs: LeNet only
+    only: frozenset[str] | None = None  # run these scenario names only (None: all)
+    gateway_args: tuple[str, ...] = ()  # extra `cnnserve gateway` flags (e.g. --max-in-flight=4)
+    finetune_steps: int = 10  # measured steps, at least
+    cold_start_reps: int = 3
+
+    def wants(self, name: str) -> bool:
+        return self.only is None or name in self.only

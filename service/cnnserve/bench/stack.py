@@ -1,0 +1,326 @@
+"""What the benchmark runs against: model artifacts, TorchServe, the gateway, and meters on their CPU.
+
+Layout under the work directory (default ``var/bench``; reused between runs):
+
+- ``model_store/``: ``lenet.mar`` and ``alexnet.mar`` as ``cnnserve bootstrap`` builds them (cold start
+  serves this store);
+- ``build/<model>/export``: the exports they were archived from (the in-process baselines load these);
+- ``bench_store/``: the same two archives (TorchServe batch size 1: the gateway micro-batches) plus
+  ``<model>-batched`` (TorchServe batching on), so direct clients can call one export with TorchServe's
+  batching on and off;
+- ``state/``: TorchServe's and the gateway's state and logs for the current run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "MODELS",
+    "Artifacts",
+    "find_exports",
+    "prepare_artifacts",
+    "free_ports",
+    "ServerStack",
+    "InProcessGateway",
+    "CpuMeter",
+    "GatewayBatches",
+]
+
+MODELS = ("lenet", "alexnet")
+BATCHED_SUFFIX = "-batched"
+# TorchServe batching for the -batched twins: requests per handle() call, and the wait to fill one.
+TWIN_BATCHING = {"lenet": (16, 5), "alexnet": (8, 5)}
+T = TypeVar("T")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    exports: dict[str, Path]  # model -> export directory
+    model_store: Path | None = None  # the default archives (cold start)
+    bench_store: Path | None = None  # the default archives and their -batched twins
+
+
+def find_exports(work_dir: Path, models: Sequence[str]) -> dict[str, Path]:
+    """``<work_dir>/build/<model>/export`` for each model that has one."""
+    found = {}
+    for model in models:
+        export = work_dir / "build" / model / "export"
+        if (export / "model_card.json").exists():
+            found[model] = export
+    return found
+
+
+def prepare_artifacts(work_dir: Path, log: Log) -> Artifacts:
+    """Build whatever is missing: the default store (train + export + archive, minutes, once), the twins."""
+    from cnnserve.card import load_card
+    from cnnserve_export.archive import build_archive
+    from cnnserve_export.bootstrap import build_default_store
+    from cnnserve_export.config import default_settings
+
+    model_store, bench_store = work_dir / "model_store", work_dir / "bench_store"
+    exports = find_exports(work_dir, MODELS)
+    if len(exports) < len(MODELS) or any(not (model_store / f"{m}.mar").exists() for m in MODELS):
+        log(f"building the default models into {model_store} (a few minutes, once) ...")
+        build_default_store(model_store, work_dir / "build", log=log, force=len(exports) < len(MODELS))
+        exports = find_exports(work_dir, MODELS)
+    bench_store.mkdir(parents=True, exist_ok=True)
+    for model in MODELS:
+        source = model_store / f"{model}.mar"
+        shutil.copy2(source, bench_store / source.name)
+        twin = bench_store / f"{model}{BATCHED_SUFFIX}.mar"
+        if not twin.exists() or twin.stat().st_mtime < source.stat().st_mtime:
+            batch_size, delay_ms = TWIN_BATCHING[model]
+            log(f"archiving {twin.name} (TorchServe batch {batch_size} / {delay_ms} ms) ...")
+            settings = replace(
+                default_settings(load_card(exports[model]).architecture),
+                name=twin.stem,
+                batch_size=batch_size,
+                max_batch_delay_ms=delay_ms,
+            )
+            build_archive(exports[model], bench_store, settings)
+    return Artifacts(exports, model_store, bench_store)
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on right now (bound and released by the OS)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# ---- CPU use ----------------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[Any]:
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_seconds(processes: Sequence[Any]) -> dict[int, float]:
+    import psutil
+
+    seconds = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+class CpuMeter:
+    """CPU used by named process trees (and the whole machine) between :meth:`start` and :meth:`stop`.
+
+    A tree is read at start: a worker TorchServe restarts mid-point is not counted, which the
+    ``machine_cpu_percent`` beside it would show.
+    """
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+        self._started: dict[str, tuple[list[Any], dict[int, float]]] = {}
+        self._wall = 0.0
+
+    def start(self) -> None:
+        import psutil
+
+        psutil.cpu_percent(None)  # resets the machine-wide counter
+        self._started = {}
+        for name, pid in self.roots.items():
+            processes = _tree(pid)
+            self._started[name] = (processes, _cpu_seconds(processes))
+        self._wall = time.perf_counter()
+
+    def stop(self) -> tuple[dict[str, float], float]:
+        """({tree: % of one core}, machine-wide % with 100 % per core)."""
+        import psutil
+
+        wall = time.perf_counter() - self._wall
+        machine = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)
+        used = {}
+        for name, (processes, before) in self._started.items():
+            after = _cpu_seconds(processes)
+            seconds = sum(after[pid] - before[pid] for pid in after if pid in before)
+            used[name] = round(100.0 * seconds / wall, 1) if wall > 0 else 0.0
+        return used, round(machine, 1)
+
+
+# ---- the gateway's own view of its micro-batches ------------------------------------------------------
+
+_BATCH_LINE = re.compile(r'^cnnserve_gateway_batch_inputs_(sum|count)\{model="([^"]+)"\}\s+(\S+)$')
+
+
+class GatewayBatches:
+    """Micro-batch sizes from the gateway's Prometheus histogram, as deltas between two reads."""
+
+    def __init__(self, metrics_url: str | None) -> None:
+        self.metrics_url = metrics_url
+
+    def read(self) -> dict[str, tuple[float, float]]:
+        """{model: (inputs sent, batches sent)} so far; empty when there is no metrics endpoint."""
+        if not self.metrics_url:
+            return {}
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        totals: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            match = _BATCH_LINE.match(line)
+            if match:
+                kind, model, value = match.groups()
+                totals.setdefault(model, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+        return {model: (values[0], values[1]) for model, values in totals.items()}
+
+    @staticmethod
+    def mean(
+        before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], model: str
+    ) -> float:
+        inputs = after.get(model, (0.0, 0.0))[0] - before.get(model, (0.0, 0.0))[0]
+        batches = after.get(model, (0.0, 0.0))[1] - before.get(model, (0.0, 0.0))[1]
+        return round(inputs / batches, 2) if batches else 0.0
+
+
+# ---- TorchServe and the gateway as the deployment runs them ---------------------------------------------
+
+
+class ServerStack:
+    """TorchServe serving ``bench_store`` on free loopback ports, and ``cnnserve gateway`` in front of it."""
+
+    def __init__(self, artifacts: Artifacts, state_dir: Path, gateway_args: Sequence[str] = ()) -> None:
+        from cnnserve.torchserve import TorchServe, TorchServeSettings
+
+        assert artifacts.bench_store is not None
+        ports = free_ports(7)
+        if state_dir.exists():
+            shutil.rmtree(state_dir)  # a fresh revision store: every run starts from the trained base
+        self.state_dir = state_dir
+        self.torchserve = TorchServe(
+            TorchServeSettings(
+                model_store=artifacts.bench_store,
+                state_dir=state_dir / "torchserve",
+                revisions_dir=state_dir / "revisions",
+                inference_port=ports[0],
+                management_port=ports[1],
+                metrics_port=ports[2],
+                grpc_inference_port=ports[3],
+                grpc_management_port=ports[4],
+            )
+        )
+        self.gateway_target = f"127.0.0.1:{ports[5]}"
+        self.metrics_url = f"http://127.0.0.1:{ports[6]}/metrics"
+        self.gateway_args = list(gateway_args)
+        self.gateway: Any = None
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(m + suffix for m in MODELS for suffix in ("", BATCHED_SUFFIX))
+
+    @property
+    def grpc_target(self) -> str:
+        settings = self.torchserve.settings
+        return f"{settings.host}:{settings.grpc_inference_port}"
+
+    @property
+    def http_target(self) -> str:
+        settings = self.torchserve.settings
+        return f"{settings.host}:{settings.inference_port}"
+
+    @property
+    def inference_key(self) -> str:
+        return self.torchserve.keys().inference or ""
+
+    def start(self, log: Log, timeout: float = 300.0) -> None:
+        from cnnserve.stack import GatewayProcess
+
+        started = time.monotonic()
+        log(f"starting TorchServe with {', '.join(self.models)} ...")
+        self.torchserve.start()
+        self.torchserve.wait_ready(self.models, timeout=timeout)
+        settings = self.torchserve.settings
+        arguments = [
+            "--listen", self.gateway_target,
+            "--torchserve", self.grpc_target,
+            "--torchserve-management", f"{settings.host}:{settings.grpc_management_port}",
+            "--torchserve-key-file", str((settings.state_dir / "key_file.json").resolve()),
+            "--metrics-listen", self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+            *self.gateway_args,
+        ]  # fmt: skip
+        self.gateway = GatewayProcess(self.state_dir, arguments, self.gateway_target)
+        self.gateway.start()
+        self.gateway.wait_serving(timeout=60)
+        log(f"TorchServe and the gateway are ready ({time.monotonic() - started:.0f} s)")
+
+    def pids(self) -> dict[str, int]:
+        pids = {}
+        if self.torchserve.process is not None:
+            pids["torchserve"] = self.torchserve.process.pid
+        if self.gateway is not None and self.gateway.process is not None:
+            pids["gateway"] = self.gateway.process.pid
+        return pids
+
+    def stop(self) -> None:
+        try:
+            if self.gateway is not None:
+                self.gateway.stop()
+        finally:
+            self.torchserve.stop()
+
+    def __enter__(self) -> ServerStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class InProcessGateway:
+    """The gateway with the in-process backend, on its own event loop thread: smoke runs, no TorchServe.
+
+    It shares this process (and its GIL) with the harness; only the load generator is outside.
+    """
+
+    def __init__(self, exports: dict[str, Path], revisions_dir: Path) -> None:
+        from cnnserve.gateway.inprocess import InProcessBackend
+        from cnnserve.gateway.server import create_server
+        from cnnserve.gateway.settings import GatewaySettings
+        from cnnserve.serving.service import ModelService, ServiceConfig
+
+        config = ServiceConfig(revisions_dir=str(revisions_dir))
+        backend = InProcessBackend({name: ModelService(path, config, name) for name, path in exports.items()})
+        settings = GatewaySettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", health_interval=1.0)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running = self._run(create_server(settings, backend))
+        self.target = f"127.0.0.1:{self.running.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
+
+    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self._run(self.running.stop(0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
