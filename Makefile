@@ -39,8 +39,9 @@ run: setup  ## serve TorchServe + the gRPC gateway in the foreground (builds the
 bench: setup  ## the full benchmark (10-25 min): writes docs/bench/results.json, README.md and plots
 	$(BIN)/cnnserve bench --out docs/bench
 
+COMPOSE_SMOKE_ARGS ?=
 compose-smoke:  ## build and boot the docker compose stack for real, call it, tear it down
-	service/docker/compose-smoke.sh
+	service/docker/compose-smoke.sh $(COMPOSE_SMOKE_ARGS)
 
 clean:  ## remove the virtual environment and caches (keeps model_store)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

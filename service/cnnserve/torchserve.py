@@ -156,11 +156,13 @@ def java_version() -> str | None:
     return (result.stderr or result.stdout).splitlines()[0] if result.returncode == 0 else None
 
 
-def _torchserve_command() -> str:
+def _torchserve_command(required: bool = True) -> str:
     candidate = Path(sys.executable).parent / "torchserve"
     found = str(candidate) if candidate.exists() else shutil.which("torchserve")
     if found is None:
-        raise FailedPreconditionError("torchserve is not installed: run `make setup`")
+        if required:
+            raise FailedPreconditionError("torchserve is not installed: run `make setup`")
+        return "torchserve"  # a command line to print, for a machine (or container) that has it
     return found
 
 
@@ -213,10 +215,10 @@ class TorchServe:
         return config, log_config
 
     @staticmethod
-    def command(config: Path, log_config: Path) -> list[str]:
-        """The torchserve command line for a written configuration."""
+    def command(config: Path, log_config: Path, required: bool = True) -> list[str]:
+        """The torchserve command line for a written configuration (``required``: torchserve is here)."""
         return [
-            _torchserve_command(),
+            _torchserve_command(required),
             "--start",
             "--foreground",
             "--ncs",

@@ -1,7 +1,6 @@
 # Shared by the scripts in service/docker/ (sourced, not run). Expects to be in the repository root.
 
 # The local stand-ins for Docker Hub's base images (service/docker/local-bases.sh builds them).
-LOCAL_DEBIAN_IMAGE=cnnserve-local/debian:bookworm
 LOCAL_PYTHON_IMAGE=cnnserve-local/python:3.11-bookworm
 LOCAL_TORCHSERVE_IMAGE=cnnserve-local/torchserve:0.12.0-cpu
 WHEELHOUSE=${CNNSERVE_WHEELHOUSE:-var/wheelhouse}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build local stand-ins for the Docker Hub base images, for machines that cannot pull from Docker Hub:
 #
-#   cnnserve-local/debian:bookworm        a Debian 12 root filesystem made by debootstrap (needs root)
-#   cnnserve-local/python:3.11-bookworm   that plus Python 3.11 and venv: stands in for python:3.11-slim
+#   cnnserve-local/python:3.11-bookworm   Debian 12 (debootstrap, needs root) with Python 3.11 and venv:
+#                                         stands in for python:3.11-slim
 #   cnnserve-local/torchserve:0.12.0-cpu  the official TorchServe image's layout (local/Dockerfile.torchserve-base)
 #
 # Needs: root, debootstrap, a running Docker engine, Debian's mirror (apt) and a wheelhouse
@@ -39,7 +39,6 @@ if $rebuild || ! image_exists "$LOCAL_PYTHON_IMAGE"; then
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
         - "$LOCAL_PYTHON_IMAGE" >/dev/null
-    docker tag "$LOCAL_PYTHON_IMAGE" "$LOCAL_DEBIAN_IMAGE"
     rm -rf "$rootfs"
 fi
 log "$LOCAL_PYTHON_IMAGE: $(docker run --rm --network none "$LOCAL_PYTHON_IMAGE" python3 --version)"

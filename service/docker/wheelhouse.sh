@@ -22,10 +22,14 @@ target=(
 )
 start=$(date +%s)
 # One resolution per image, so each image's set is complete on its own. setuptools builds cnnserve itself.
+download() {  # pip's warnings about this machine's own file:// indexes are noise here
+    "$python" -m pip download --quiet --dest "$out" "${target[@]}" "$@" \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 for list in builder torchserve-base worker-cpu gateway; do
     echo "wheelhouse: $list" >&2
-    "$python" -m pip download --quiet --dest "$out" "${target[@]}" -r "$requirements/$list.txt"
+    download -r "$requirements/$list.txt"
 done
-"$python" -m pip download --quiet --dest "$out" "${target[@]}" 'setuptools>=68' 'wheel'
+download 'setuptools>=68' 'wheel'
 count=$(find "$out" -maxdepth 1 -name '*.whl' | wc -l)
 echo "wheelhouse: $count wheels, $(du -sh "$out" | cut -f1) in $out ($(( $(date +%s) - start )) s)"

@@ -317,7 +317,7 @@ def _run_torchserve_config(args: argparse.Namespace) -> int:
 
     torchserve = TorchServe(torchserve_settings(args))
     config, log_config = torchserve.write_config()
-    command = torchserve.command(config, log_config)
+    command = torchserve.command(config, log_config, required=False)
     emit(
         args,
         {"config": str(config), "log_config": str(log_config), "command": command},
