@@ -64,7 +64,11 @@ def find_exports(work_dir: Path, models: Sequence[str]) -> dict[str, Path]:
 
 
 def prepare_artifacts(work_dir: Path, log: Log) -> Artifacts:
-    """Build whatever is missing: the default store (train + export + archive, minutes, once), the twins."""
+    """Train and export what is missing (minutes, once); archive every run (seconds).
+
+    Archives are rebuilt from the exports each time so that they carry the handler code and archive defaults
+    of this checkout: a stale .mar would benchmark old code.
+    """
     from cnnserve.card import load_card
     from cnnserve_export.archive import build_archive
     from cnnserve_export.bootstrap import build_default_store
@@ -72,25 +76,24 @@ def prepare_artifacts(work_dir: Path, log: Log) -> Artifacts:
 
     model_store, bench_store = work_dir / "model_store", work_dir / "bench_store"
     exports = find_exports(work_dir, MODELS)
-    if len(exports) < len(MODELS) or any(not (model_store / f"{m}.mar").exists() for m in MODELS):
-        log(f"building the default models into {model_store} (a few minutes, once) ...")
-        build_default_store(model_store, work_dir / "build", log=log, force=len(exports) < len(MODELS))
+    if len(exports) < len(MODELS):
+        log(f"training and exporting the default models into {work_dir / 'build'} (a few minutes, once) ...")
+        build_default_store(model_store, work_dir / "build", log=log, force=True)
         exports = find_exports(work_dir, MODELS)
     bench_store.mkdir(parents=True, exist_ok=True)
     for model in MODELS:
-        source = model_store / f"{model}.mar"
+        settings = default_settings(load_card(exports[model]).architecture)
+        log(f"archiving {model}.mar (defaults: TorchServe batch size 1) ...")
+        source = build_archive(exports[model], model_store, settings)
         shutil.copy2(source, bench_store / source.name)
-        twin = bench_store / f"{model}{BATCHED_SUFFIX}.mar"
-        if not twin.exists() or twin.stat().st_mtime < source.stat().st_mtime:
-            batch_size, delay_ms = TWIN_BATCHING[model]
-            log(f"archiving {twin.name} (TorchServe batch {batch_size} / {delay_ms} ms) ...")
-            settings = replace(
-                default_settings(load_card(exports[model]).architecture),
-                name=twin.stem,
-                batch_size=batch_size,
-                max_batch_delay_ms=delay_ms,
-            )
-            build_archive(exports[model], bench_store, settings)
+        batch_size, delay_ms = TWIN_BATCHING[model]
+        twin = f"{model}{BATCHED_SUFFIX}"
+        log(f"archiving {twin}.mar (TorchServe batch {batch_size} / {delay_ms} ms) ...")
+        build_archive(
+            exports[model],
+            bench_store,
+            replace(settings, name=twin, batch_size=batch_size, max_batch_delay_ms=delay_ms),
+        )
     return Artifacts(exports, model_store, bench_store)
 
 
