@@ -71,6 +71,7 @@ _LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
     <Logger name="MODEL_METRICS" level="off"/>
     <Logger name="TS_METRICS" level="off"/>
     <Logger name="org.pytorch.serve" level="info" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Logger name="org.pytorch.serve.wlm" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
     <Root level="warn"><AppenderRef ref="STDOUT"/><AppenderRef ref="ts_log"/></Root>
   </Loggers>
 </Configuration>

@@ -2,8 +2,8 @@
 
 The policy is adaptive rather than timer-based, so a lone caller never waits:
 
-- while fewer than ``max_in_flight`` batches for a key are at the backend, a new call is sent at once,
-  together with whatever else is queued for that key;
+- while fewer than ``max_in_flight`` batches for a key are at the backend, a new call is sent at once
+  (from the caller's own coroutine when nothing is queued), together with whatever else is queued;
 - otherwise it queues, and the queue leaves as one batch (up to ``max_batch``) the moment a batch returns.
 
 Under light load every call goes out alone (no added latency); under heavy load batches grow to match the
@@ -61,6 +61,11 @@ class MicroBatcher(Generic[Item, Result]):
         """Queue ``item`` under ``key`` and wait for its own result."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(key, _Queue())
+        if not queue.waiting and queue.in_flight < self.max_in_flight:
+            # Nobody to wait for: send at once from this coroutine (no task, no extra turn of the loop).
+            queue.in_flight += 1
+            await self._run(key, queue, [(item, future)])
+            return future.result()
         queue.waiting.append((item, future))
         if queue.in_flight < self.max_in_flight:
             self._dispatch(key, queue)
@@ -96,10 +101,14 @@ class MicroBatcher(Generic[Item, Result]):
                 else:
                     future.set_result(result)
         except BaseException as error:  # the whole batch failed: every caller in it gets the error
+            cancelled = isinstance(error, asyncio.CancelledError)
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(error)
-            if isinstance(error, asyncio.CancelledError):
+                    if cancelled:
+                        future.cancel()
+                    else:
+                        future.set_exception(error)
+            if cancelled:
                 raise
         finally:
             queue.in_flight -= 1

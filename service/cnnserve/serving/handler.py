@@ -17,7 +17,7 @@ from cnnserve.errors import CnnserveError
 from cnnserve.serving.config import pick_device, service_config
 from cnnserve.serving.service import ModelService
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cnnserve.serving.handler")  # archived as cnnserve_handler.py: keep our name
 
 
 class CnnserveHandler:
@@ -28,6 +28,12 @@ class CnnserveHandler:
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
         yaml_config = getattr(context, "model_yaml_config", None) or {}
+        # TorchServe's worker logs a line per request at INFO ("Backend received inference"), which its
+        # frontend then parses and logs again: keep the root logger at WARNING, ours at INFO, and TorchServe's
+        # metrics (their log lines are how the frontend learns HandlerTime and PredictionTime) at INFO.
+        logging.getLogger().setLevel(logging.WARNING)
+        for name in ("cnnserve", "ts.metrics"):
+            logging.getLogger(name).setLevel(logging.INFO)
         device = pick_device(properties.get("gpu_id"), torch.cuda.is_available())
         config = service_config(yaml_config.get("handler"), os.environ, device)
         torch.set_num_threads(config.threads)
