@@ -93,20 +93,8 @@ def model_store(
 @pytest.fixture(scope="session")
 def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServe]:
     """A real TorchServe on free loopback ports, token auth on, serving lenet and alexnet."""
-    from tests.torchserve_helpers import free_ports
-
     state = tmp_path_factory.mktemp("torchserve")
-    ports = free_ports(5)
-    settings = TorchServeSettings(
-        model_store=model_store,
-        state_dir=state / "torchserve",
-        revisions_dir=state / "revisions",
-        inference_port=ports[0],
-        management_port=ports[1],
-        metrics_port=ports[2],
-        grpc_inference_port=ports[3],
-        grpc_management_port=ports[4],
-    )
+    settings = TorchServeSettings.with_ports(model_store, state / "torchserve", state / "revisions")
     server = TorchServe(settings)
     server.start()
     try:

@@ -289,7 +289,7 @@ def test_load_is_shed_not_queued(torchserve: TorchServe, digits: ImageData) -> N
 
 
 def test_backend_down_is_unavailable(tmp_path: Path, digits: ImageData) -> None:
-    from tests.torchserve_helpers import free_ports
+    from cnnserve.processes import free_ports
 
     ports = free_ports(2)
     from cnnserve.gateway.settings import GatewaySettings

@@ -305,19 +305,9 @@ def test_revisions_survive_a_restart(
     tmp_path: Path, model_store: Path, lenet_export: ExportResult, digits: ImageData
 ) -> None:
     from cnnserve.torchserve import TorchServeSettings
-    from tests.torchserve_helpers import free_ports
 
-    ports = free_ports(5)
-    settings = TorchServeSettings(
-        model_store=model_store,
-        state_dir=tmp_path / "torchserve",
-        revisions_dir=tmp_path / "revisions",
-        models=("lenet",),
-        inference_port=ports[0],
-        management_port=ports[1],
-        metrics_port=ports[2],
-        grpc_inference_port=ports[3],
-        grpc_management_port=ports[4],
+    settings = TorchServeSettings.with_ports(
+        model_store, tmp_path / "torchserve", tmp_path / "revisions", models=("lenet",)
     )
     _, inputs = model_inputs(lenet_export, digits, 100, 8)
     query = {**tensor_input(inputs[0].numpy()), "top_k": 10}

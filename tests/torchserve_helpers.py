@@ -1,26 +1,15 @@
-"""Starting a real TorchServe for tests, and calling it over HTTP."""
+"""Calling a real TorchServe over HTTP in tests."""
 
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 from cnnserve.torchserve import TorchServe
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on right now (bound and released by the OS)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+__all__ = ["post"]
 
 
 def post(

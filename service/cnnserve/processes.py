@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["stop_process_group", "stop_child", "tail"]
+__all__ = ["stop_process_group", "stop_child", "tail", "free_ports"]
 
 
 def stop_process_group(pid: int, timeout: float = 30.0) -> bool:
@@ -43,3 +44,15 @@ def tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return ""
     return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:]).strip()
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on right now (bound together, then released by the OS)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -20,12 +20,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnnserve.errors import FailedPreconditionError, UnavailableError
-from cnnserve.processes import stop_child, stop_process_group, tail
+from cnnserve.processes import free_ports, stop_child, stop_process_group, tail
 
 __all__ = [
     "TorchServeSettings",
@@ -97,6 +98,27 @@ class TorchServeSettings:
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
+
+    @classmethod
+    def with_ports(
+        cls,
+        model_store: Path,
+        state_dir: Path,
+        revisions_dir: Path,
+        ports: Sequence[int] | None = None,
+        **overrides: Any,
+    ) -> TorchServeSettings:
+        """Settings whose five listeners (HTTP inference, management, metrics; gRPC inference, management)
+        take ``ports``, or free loopback ports: tests, benchmarks, instances side by side."""
+        names = (
+            "inference_port",
+            "management_port",
+            "metrics_port",
+            "grpc_inference_port",
+            "grpc_management_port",
+        )
+        chosen = dict(zip(names, ports if ports is not None else free_ports(len(names)), strict=True))
+        return cls(model_store, state_dir, revisions_dir, **{**chosen, **overrides})
 
 
 @dataclass(frozen=True)

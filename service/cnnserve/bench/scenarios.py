@@ -21,7 +21,8 @@ from typing import Any
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec, pooled_latencies
 from cnnserve.bench.results import Row, load_row, percentile, timed_row
 from cnnserve.bench.settings import Budget
-from cnnserve.bench.stack import CpuMeter, GatewayBatches, free_ports
+from cnnserve.bench.stack import CpuMeter, GatewayBatches
+from cnnserve.processes import free_ports
 
 __all__ = [
     "Images",

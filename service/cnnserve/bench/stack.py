@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import re
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -31,7 +30,6 @@ __all__ = [
     "Artifacts",
     "find_exports",
     "prepare_artifacts",
-    "free_ports",
     "ServerStack",
     "InProcessGateway",
     "CpuMeter",
@@ -95,18 +93,6 @@ def prepare_artifacts(work_dir: Path, log: Log) -> Artifacts:
             replace(settings, name=twin, batch_size=batch_size, max_batch_delay_ms=delay_ms),
         )
     return Artifacts(exports, model_store, bench_store)
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports nothing listens on right now (bound and released by the OS)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 # ---- CPU use ----------------------------------------------------------------------------------------
@@ -210,23 +196,17 @@ class ServerStack:
     """TorchServe serving ``bench_store`` on free loopback ports, and ``cnnserve gateway`` in front of it."""
 
     def __init__(self, artifacts: Artifacts, state_dir: Path, gateway_args: Sequence[str] = ()) -> None:
+        from cnnserve.processes import free_ports
         from cnnserve.torchserve import TorchServe, TorchServeSettings
 
         assert artifacts.bench_store is not None
-        ports = free_ports(7)
         if state_dir.exists():
             shutil.rmtree(state_dir)  # a fresh revision store: every run starts from the trained base
         self.state_dir = state_dir
+        ports = free_ports(7)  # TorchServe's five, the gateway's and its metrics'
         self.torchserve = TorchServe(
-            TorchServeSettings(
-                model_store=artifacts.bench_store,
-                state_dir=state_dir / "torchserve",
-                revisions_dir=state_dir / "revisions",
-                inference_port=ports[0],
-                management_port=ports[1],
-                metrics_port=ports[2],
-                grpc_inference_port=ports[3],
-                grpc_management_port=ports[4],
+            TorchServeSettings.with_ports(
+                artifacts.bench_store, state_dir / "torchserve", state_dir / "revisions", ports[:5]
             )
         )
         self.gateway_target = f"127.0.0.1:{ports[5]}"
