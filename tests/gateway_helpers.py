@@ -11,19 +11,17 @@ from typing import Any, TypeVar
 from cnnserve.gateway.backend import Backend
 from cnnserve.gateway.server import RunningGateway, create_server
 from cnnserve.gateway.settings import GatewaySettings
+from cnnserve.stack import torchserve_wiring
 from cnnserve.torchserve import TorchServe
 
 T = TypeVar("T")
 
 
 def settings_for(torchserve: TorchServe, **overrides: Any) -> GatewaySettings:
-    ts = torchserve.settings
     base = GatewaySettings(
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
-        torchserve=f"{ts.host}:{ts.grpc_inference_port}",
-        torchserve_management=f"{ts.host}:{ts.grpc_management_port}",
-        torchserve_key_file=str(ts.state_dir / "key_file.json"),
+        **torchserve_wiring(torchserve.settings),
         health_interval=0.5,
         grace_period=5.0,
     )

@@ -1,4 +1,5 @@
-"""The gateway as a child process of ``cnnserve serve``: start it, wait for SERVING, stop it gracefully."""
+"""The gateway as a child process of ``cnnserve serve``: wire it to a TorchServe, start it, wait for SERVING,
+stop it gracefully."""
 
 from __future__ import annotations
 
@@ -7,13 +8,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnserve.errors import UnavailableError
 from cnnserve.processes import stop_child, tail
 
-__all__ = ["GatewayProcess", "GATEWAY_PID_FILE", "health_status"]
+if TYPE_CHECKING:
+    from cnnserve.torchserve import TorchServeSettings
+
+__all__ = ["GatewayProcess", "GATEWAY_PID_FILE", "health_status", "torchserve_wiring"]
 
 GATEWAY_PID_FILE = "gateway.pid"
+
+
+def torchserve_wiring(settings: TorchServeSettings) -> dict[str, str]:
+    """The :class:`~cnnserve.gateway.settings.GatewaySettings` fields that point a gateway at the TorchServe
+    ``settings`` describe: its gRPC APIs, and its key file when token authorization is on."""
+    return {
+        "torchserve": settings.grpc_inference_target,
+        "torchserve_management": settings.grpc_management_target,
+        "torchserve_key_file": str(settings.key_file.resolve()) if settings.token_auth else "",
+    }
 
 
 def health_status(target: str, service: str = "", timeout: float = 2.0) -> str | None:

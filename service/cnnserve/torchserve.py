@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnserve.errors import FailedPreconditionError, UnavailableError
-from cnnserve.processes import free_ports, stop_child, stop_process_group, tail
+from cnnserve.processes import free_ports, stop_child, tail
 
 __all__ = [
     "TorchServeSettings",
@@ -34,9 +34,9 @@ __all__ = [
     "TorchServe",
     "render_config",
     "read_keys",
+    "read_key_file",
     "java_version",
     "PID_FILE",
-    "stop_process_group",
 ]
 
 KEY_FILE = "key_file.json"
@@ -99,6 +99,19 @@ class TorchServeSettings:
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
 
+    @property
+    def grpc_inference_target(self) -> str:
+        return f"{self.host}:{self.grpc_inference_port}"
+
+    @property
+    def grpc_management_target(self) -> str:
+        return f"{self.host}:{self.grpc_management_port}"
+
+    @property
+    def key_file(self) -> Path:
+        """Where TorchServe writes its token-authorization keys (at every start)."""
+        return self.state_dir / KEY_FILE
+
     @classmethod
     def with_ports(
         cls,
@@ -126,8 +139,12 @@ class TorchServeKeys:
     inference: str | None
     management: str | None
 
+    def key(self, api: str) -> str | None:
+        """The key for ``api``: "inference" or "management"."""
+        return self.inference if api == "inference" else self.management
+
     def header(self, api: str) -> dict[str, str]:
-        key = self.inference if api == "inference" else self.management
+        key = self.key(api)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -163,7 +180,11 @@ def render_config(settings: TorchServeSettings) -> str:
 
 def read_keys(state_dir: Path) -> TorchServeKeys:
     """The token-authorization keys TorchServe wrote into its working directory."""
-    path = state_dir / KEY_FILE
+    return read_key_file(state_dir / KEY_FILE)
+
+
+def read_key_file(path: Path) -> TorchServeKeys:
+    """TorchServe's ``key_file.json`` (absent: no keys, token authorization is off)."""
     if not path.exists():
         return TorchServeKeys(None, None)
     data = json.loads(path.read_text())

@@ -71,7 +71,7 @@ class EchoServer:
         return self.process.pid
 
     def stop(self) -> None:
-        from cnnserve.torchserve import stop_process_group
+        from cnnserve.processes import stop_process_group
 
         if self.process.poll() is None:
             stop_process_group(self.process.pid, timeout=10)

@@ -220,8 +220,7 @@ class ServerStack:
 
     @property
     def grpc_target(self) -> str:
-        settings = self.torchserve.settings
-        return f"{settings.host}:{settings.grpc_inference_port}"
+        return self.torchserve.settings.grpc_inference_target
 
     @property
     def http_target(self) -> str:
@@ -233,19 +232,17 @@ class ServerStack:
         return self.torchserve.keys().inference or ""
 
     def start(self, log: Log, timeout: float = 300.0) -> None:
-        from cnnserve.stack import GatewayProcess
+        from cnnserve.stack import GatewayProcess, torchserve_wiring
 
         started = time.monotonic()
         log(f"starting TorchServe with {', '.join(self.models)} ...")
         self.torchserve.start()
         self.torchserve.wait_ready(self.models, timeout=timeout)
-        settings = self.torchserve.settings
+        wiring = torchserve_wiring(self.torchserve.settings)
         arguments = [
             "--listen", self.gateway_target,
-            "--torchserve", self.grpc_target,
-            "--torchserve-management", f"{settings.host}:{settings.grpc_management_port}",
-            "--torchserve-key-file", str((settings.state_dir / "key_file.json").resolve()),
             "--metrics-listen", self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+            *(part for name, value in wiring.items() for part in ("--" + name.replace("_", "-"), value)),
             *self.gateway_args,
         ]  # fmt: skip
         self.gateway = GatewayProcess(self.state_dir, arguments, self.gateway_target)

@@ -185,15 +185,10 @@ def _gateway_arguments(args: argparse.Namespace, settings: Any) -> list[str]:
     from dataclasses import fields
 
     from cnnserve.gateway.settings import GatewaySettings, settings_from_args
+    from cnnserve.stack import torchserve_wiring
 
     gateway = settings_from_args(args)
-    wired = {
-        "torchserve": f"{settings.host}:{settings.grpc_inference_port}",
-        "torchserve_management": f"{settings.host}:{settings.grpc_management_port}",
-        "torchserve_key_file": str((settings.state_dir / "key_file.json").resolve())
-        if settings.token_auth
-        else "",
-    }
+    wired = torchserve_wiring(settings)
     flags = []
     for field in fields(GatewaySettings):
         value = wired.get(field.name, getattr(gateway, field.name))
@@ -204,7 +199,7 @@ def _gateway_arguments(args: argparse.Namespace, settings: Any) -> list[str]:
 def _run_serve(args: argparse.Namespace) -> int:
     from cnnserve.gateway.settings import parse_address
     from cnnserve.stack import GatewayProcess
-    from cnnserve.torchserve import PID_FILE, TorchServe, read_keys
+    from cnnserve.torchserve import PID_FILE, TorchServe
 
     settings = torchserve_settings(args)
     if (settings.state_dir / PID_FILE).exists() and _alive(settings.state_dir / PID_FILE):
@@ -238,15 +233,15 @@ def _run_serve(args: argparse.Namespace) -> int:
             gateway.stop()
         torchserve.stop()
         raise
-    keys = read_keys(settings.state_dir)
+    keys = torchserve.keys()
     info = {
         "models": list(models),
         "ready_seconds": round(time.monotonic() - started, 2),
         "grpc_gateway": gateway.target if gateway else None,
         "http_inference": settings.url(settings.inference_port),
-        "torchserve_grpc": f"{settings.host}:{settings.grpc_inference_port}",
+        "torchserve_grpc": settings.grpc_inference_target,
         "token_auth": settings.token_auth,
-        "key_file": str(settings.state_dir / "key_file.json") if settings.token_auth else None,
+        "key_file": str(settings.key_file) if settings.token_auth else None,
         "logs": str(Path(args.state_dir)),
     }
     curl = f"curl -T digit.png {info['http_inference']}/predictions/lenet"

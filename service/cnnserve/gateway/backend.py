@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from cnnserve.errors import (
     UnavailableError,
 )
 from cnnserve.gateway.types import ModelStatus
+from cnnserve.torchserve import TorchServeKeys, read_key_file
 from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 
 __all__ = ["Backend", "TorchServeBackend", "envelope"]
@@ -82,26 +82,22 @@ class TorchServeBackend:
         self._inference = inference_pb2_grpc.InferenceAPIsServiceStub(self._inference_channel)
         self._management = management_pb2_grpc.ManagementAPIsServiceStub(self._management_channel)
         self._key_file = Path(key_file) if key_file else None
-        self._keys: dict[str, str] = {}
-        self._keys_read_at = 0.0
+        self._keys = TorchServeKeys(None, None)
         self._reload_keys()
         self.target = inference_target
 
     def _reload_keys(self) -> None:
         """Read TorchServe's key_file.json (absent: token authorization is off)."""
-        self._keys_read_at = time.monotonic()
-        if self._key_file is None or not self._key_file.exists():
-            self._keys = {}
+        if self._key_file is None:
             return
         try:
-            data = json.loads(self._key_file.read_text())
-            self._keys = {"inference": data["inference"]["key"], "management": data["management"]["key"]}
+            self._keys = read_key_file(self._key_file)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot read TorchServe keys from %s: %s", self._key_file, exc)
-            self._keys = {}
+            self._keys = TorchServeKeys(None, None)
 
     def _metadata(self, api: str) -> tuple[tuple[str, str], ...]:
-        key = self._keys.get(api)
+        key = self._keys.key(api)
         return (("authorization", f"Bearer {key}"),) if key else ()
 
     async def _with_token(self, api: str, send: Any) -> Any:
