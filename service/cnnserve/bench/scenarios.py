@@ -128,7 +128,7 @@ def service_inprocess(model: str, export_dir: Path, images: Images, count: int, 
     """
     import torch
 
-    from cnnserve.gateway.backend import envelope
+    from cnnserve.serving.protocol import envelope
     from cnnserve.serving.service import ModelService, ServiceConfig
 
     torch.set_num_threads(1)
@@ -208,8 +208,8 @@ def finetune_inprocess(export_dir: Path, images: Images, budget: Budget, steps: 
     import torch
 
     from cnnserve.card import load_card
-    from cnnserve.gateway.backend import envelope
     from cnnserve.serving.finetune import StepSettings, sgd_step
+    from cnnserve.serving.protocol import envelope
     from cnnserve.serving.service import ModelService, ServiceConfig
     from cnnserve.weights import load_into, load_weights
 

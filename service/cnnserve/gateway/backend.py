@@ -27,10 +27,11 @@ from cnnserve.errors import (
     UnavailableError,
 )
 from cnnserve.gateway.types import ModelStatus
+from cnnserve.serving.protocol import envelope
 from cnnserve.torchserve import TorchServeKeys, read_key_file
 from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 
-__all__ = ["Backend", "TorchServeBackend", "envelope"]
+__all__ = ["Backend", "TorchServeBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def envelope(op: str, meta: dict[str, Any], payloads: Sequence[bytes]) -> dict[str, bytes]:
-    """The handler request for ``op``: ``op``, ``meta`` (JSON) and ``input.<i>`` payloads."""
-    request = {"op": op.encode(), "meta": json.dumps(meta, separators=(",", ":")).encode()}
-    for index, payload in enumerate(payloads):
-        request[f"input.{index}"] = payload
-    return request
 
 
 class TorchServeBackend:

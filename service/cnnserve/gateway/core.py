@@ -46,6 +46,7 @@ from cnnserve.gateway.types import (
     ShapesCall,
     Timing,
 )
+from cnnserve.serving.protocol import RawInput, describe_inputs
 
 __all__ = ["CoreSettings", "Gateway"]
 
@@ -128,16 +129,13 @@ def _validate_inputs(inputs: Sequence[ModelInput], max_inputs: int, field: str =
 
 def _describe(inputs: Sequence[ModelInput]) -> tuple[list[dict[str, Any]], list[bytes]]:
     """Envelope descriptors and payloads for ``inputs``."""
-    descriptors: list[dict[str, Any]] = []
-    payloads: list[bytes] = []
-    for item in inputs:
-        if item.tensor is not None:
-            descriptors.append({"kind": "tensor", "shape": list(item.tensor.shape)})
-            payloads.append(item.tensor.data)
-        else:
-            descriptors.append({"kind": "image"})
-            payloads.append(item.image or b"")
-    return descriptors, payloads
+    raw = [
+        RawInput(item.tensor.data, item.tensor.shape)
+        if item.tensor is not None
+        else RawInput(item.image or b"")
+        for item in inputs
+    ]
+    return describe_inputs(raw), [item.data for item in raw]
 
 
 def _scores(prediction: dict[str, Any], top_k: int) -> tuple[ClassScore, ...]:

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cnnserve.errors import NotFoundError
-from cnnserve.gateway.backend import envelope
 from cnnserve.gateway.types import ModelStatus
+from cnnserve.serving.protocol import envelope
 from cnnserve.serving.service import ModelService
 
 __all__ = ["InProcessBackend"]

@@ -40,6 +40,7 @@ __all__ = [
     "parse_request",
     "encode_json",
     "describe_inputs",
+    "envelope",
     "DEFAULT_TOP_K",
     "TRAIN_LAYERS",
 ]
@@ -345,3 +346,11 @@ def describe_inputs(inputs: Sequence[RawInput]) -> list[dict[str, Any]]:
         {"kind": "tensor", "shape": list(i.shape)} if i.shape is not None else {"kind": "image"}
         for i in inputs
     ]
+
+
+def envelope(op: str, meta: Mapping[str, Any], payloads: Sequence[bytes]) -> dict[str, bytes]:
+    """An envelope request (what :func:`parse_request` reads): ``op``, ``meta`` as JSON, ``input.<i>``."""
+    request = {"op": op.encode(), "meta": json.dumps(meta, separators=(",", ":")).encode()}
+    for index, payload in enumerate(payloads):
+        request[f"input.{index}"] = payload
+    return request
