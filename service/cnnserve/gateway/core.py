@@ -46,6 +46,7 @@ from cnnserve.gateway.types import (
     ShapesCall,
     Timing,
 )
+from cnnserve.layer_table import check_dims
 from cnnserve.serving.protocol import RawInput, describe_inputs
 
 __all__ = ["CoreSettings", "Gateway"]
@@ -242,11 +243,14 @@ class Gateway:
             raise NotFoundError(f"unknown model {model!r} (served: {known})")
         return status
 
-    def _check_version(self, status: ModelStatus, version: str) -> None:
+    async def _served(self, model: str, version: str) -> ModelStatus:
+        """``model`` as TorchServe serves it; NotFoundError for an unknown model or version."""
+        status = await self._known(model)
         if version and version not in status.versions:
             raise NotFoundError(
                 f"{status.name} has no version {version!r} (versions: {', '.join(status.versions)})"
             )
+        return status
 
     async def _call(
         self,
@@ -267,8 +271,7 @@ class Gateway:
 
     async def classify(self, call: ClassifyCall, timeout: float | None = None) -> ClassifyResult:
         started = time.perf_counter()
-        status = await self._known(call.model)
-        self._check_version(status, call.version)
+        await self._served(call.model, call.version)
         _validate_inputs(call.inputs, self.settings.max_inputs)
         if not 0 <= call.top_k <= MAX_TOP_K:
             raise InvalidInputError.for_field("top_k", f"must be between 0 and {MAX_TOP_K}")
@@ -349,19 +352,15 @@ class Gateway:
     # ---- the other calls ------------------------------------------------------------------------
 
     async def layer_shapes(self, call: ShapesCall, timeout: float | None = None) -> dict[str, Any]:
-        status = await self._known(call.model)
-        self._check_version(status, call.version)
-        if call.input_shape and (len(call.input_shape) != 3 or any(d <= 0 for d in call.input_shape)):
-            raise InvalidInputError.for_field(
-                "input_shape", f"{list(call.input_shape)}: expected three positive sizes C,H,W"
-            )
+        await self._served(call.model, call.version)
+        if call.input_shape:
+            check_dims(call.input_shape)  # the handler's own check, before the hop
         meta = {"input_shape": list(call.input_shape) or None}
         return await self._call(call.model, call.version, "shapes", meta, [], timeout)
 
     async def finetune(self, call: FineTuneCall, timeout: float | None = None) -> FineTuneResult:
         started = time.perf_counter()
-        status = await self._known(call.model)
-        self._check_version(status, call.version)
+        await self._served(call.model, call.version)
         _validate_inputs(call.inputs, self.settings.max_inputs)
         if len(call.labels) != len(call.inputs):
             raise InvalidInputError.for_field(
@@ -419,29 +418,25 @@ class Gateway:
         return sorted(self._models.values(), key=lambda m: m.name)
 
     async def get_model(self, model: str, version: str = "", timeout: float | None = None) -> ModelDetails:
-        status = await self._known(model)
-        self._check_version(status, version)
+        status = await self._served(model, version)
         info = await self._call(model, version, "info", {}, [], timeout)
         return ModelDetails(status, info)
 
     async def list_revisions(
         self, model: str, version: str = "", timeout: float | None = None
     ) -> RevisionList:
-        status = await self._known(model)
-        self._check_version(status, version)
+        await self._served(model, version)
         body = await self._call(model, version, "revisions", {}, [], timeout)
         return RevisionList(model, int(body["head"]), tuple(_revision_info(r) for r in body["revisions"]))
 
     async def rollback(
         self, model: str, to_revision: int, version: str = "", timeout: float | None = None
     ) -> RevisionChange:
-        status = await self._known(model)
-        self._check_version(status, version)
+        await self._served(model, version)
         body = await self._call(model, version, "rollback", {"to_revision": to_revision}, [], timeout)
         return RevisionChange(model, _revision_info(body), int(body["weights_of"]))
 
     async def reset(self, model: str, version: str = "", timeout: float | None = None) -> RevisionChange:
-        status = await self._known(model)
-        self._check_version(status, version)
+        await self._served(model, version)
         body = await self._call(model, version, "reset", {}, [], timeout)
         return RevisionChange(model, _revision_info(body), int(body["weights_of"]))

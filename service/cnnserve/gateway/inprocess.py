@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cnnserve.errors import NotFoundError
+from cnnserve.errors import NotFoundError, UnavailableError
 from cnnserve.gateway.types import ModelStatus
 from cnnserve.serving.protocol import envelope
 from cnnserve.serving.service import ModelService
@@ -35,8 +35,6 @@ class InProcessBackend:
         payloads: Sequence[bytes],
         timeout: float | None,
     ) -> dict[str, Any]:
-        from cnnserve.errors import UnavailableError
-
         if not self.available:
             raise UnavailableError("TorchServe is not reachable")
         service = self.services.get(model)
@@ -49,8 +47,6 @@ class InProcessBackend:
         return body
 
     async def models(self) -> list[ModelStatus]:
-        from cnnserve.errors import UnavailableError
-
         if not self.available:
             raise UnavailableError("TorchServe is not reachable")
         return [

@@ -59,11 +59,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             self.metrics.latency.labels(method).observe(time.perf_counter() - started)
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
-        async def work(timeout: float | None) -> pb.ClassifyResponse:
-            result = await self.gateway.classify(converters.classify_call(request), timeout)
-            return converters.classify_response(result)
-
-        return await self._run("Classify", context, work)
+        return await self._run("Classify", context, lambda timeout: self._classify_one(request, timeout))
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Any
