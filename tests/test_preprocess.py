@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded, prepare_images
+from cnnserve.preprocess import (
+    Preprocessing,
+    decode_image,
+    decode_tensor,
+    encode_png,
+    prepare_decoded,
+    prepare_images,
+)
 from tests.helpers import png_bytes
 
 LENET = Preprocessing(channels=1, resize=(28, 28), pad=2, mean=(0.5,), std=(0.25,))
@@ -110,3 +117,13 @@ def test_prepare_decoded_batches_by_size_and_keeps_order() -> None:
     assert torch.equal(prepared[1], tensor)
     assert torch.allclose(prepared[2], prepare_images(large[None], LENET))
     assert torch.equal(prepared[3], prepared[0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_encode_png_round_trips_through_decode_image(channels: int) -> None:
+    image = torch.randint(
+        0, 256, (channels, 9, 13), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    data = encode_png(image)
+    assert data.startswith(b"\x89PNG")
+    assert torch.equal(decode_image(data, channels), image)

@@ -26,6 +26,7 @@ __all__ = [
     "prepare_decoded",
     "decode_image",
     "decode_tensor",
+    "encode_png",
     "MAX_IMAGE_PIXELS",
 ]
 
@@ -113,6 +114,15 @@ def prepare_decoded(decoded: Sequence[torch.Tensor], pre: Preprocessing) -> list
         for row, index in enumerate(indices):
             prepared[index] = batch[row : row + 1]
     return [item for item in prepared if item is not None]
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """A uint8 ``(C, H, W)`` image (C = 1 or 3) as PNG bytes: what a client sends, and
+    :func:`decode_image` reads back unchanged."""
+    array = image.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def decode_image(data: bytes, channels: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:

@@ -7,7 +7,6 @@ for sequential calls (fine-tune steps, cold start), by a blocking client here wh
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import sys
@@ -48,22 +47,13 @@ class Images:
     labels: tuple[int, ...]
 
 
-def _png(image: Any) -> bytes:
-    """A uint8 (C, H, W) tensor as PNG bytes."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def sample_images(count: int = 64) -> Images:
+    from cnnserve.preprocess import encode_png
     from cnnserve_export.data import load_dataset
 
     data = load_dataset("digits")
     return Images(
-        tuple(_png(image) for image in data.test_images[:count]),
+        tuple(encode_png(image) for image in data.test_images[:count]),
         tuple(int(label) for label in data.test_targets[:count]),
     )
 

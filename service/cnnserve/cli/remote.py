@@ -153,23 +153,12 @@ def _add_finetune(subparsers: Any) -> None:
     parser.set_defaults(func=_run_finetune)
 
 
-def _png(image: Any) -> bytes:
-    """A uint8 (C, H, W) tensor as PNG bytes."""
-    import io
-
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _run_finetune(args: argparse.Namespace) -> int:
     import json
 
     import torch
 
+    from cnnserve.preprocess import encode_png
     from cnnserve_export.data import load_dataset
 
     if args.steps < 1 or args.batch_size < 1:
@@ -180,7 +169,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     with connect(args) as client:
         for step in range(args.steps):
             index = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
-            images = [_png(data.train_images[i]) for i in index.tolist()]
+            images = [encode_png(data.train_images[i]) for i in index.tolist()]
             labels = data.train_targets[index].tolist()
             started = time.perf_counter()
             result = client.finetune_step(
