@@ -141,7 +141,7 @@ def _load_points(
     log: Log,
 ) -> Iterator[Row]:
     from cnnserve.bench.scenarios import load_point, model_tensors
-    from cnnserve.bench.stack import CpuMeter, GatewayBatches
+    from cnnserve.bench.stack import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 
     budget = settings.budget
     meter = CpuMeter(servers.pids())
@@ -174,13 +174,13 @@ def _load_points(
             ]
             if stack is not None:
                 # The same calls to the -batched twin show what TorchServe's own batching adds behind it.
-                batched = spec("gateway", servers.gateway_target, f"{model}-batched", concurrency)
+                batched = spec("gateway", servers.gateway_target, model + BATCHED_SUFFIX, concurrency)
                 points.append(("gateway", batched, {"backend": backend, "batching": "on"}))
                 for name, target in (
                     ("torchserve-grpc", stack.grpc_target),
                     ("torchserve-http", stack.http_target),
                 ):
-                    for batching, registration in (("on", f"{model}-batched"), ("off", model)):
+                    for batching, registration in (("on", model + BATCHED_SUFFIX), ("off", model)):
                         load = spec(name, target, registration, concurrency)
                         points.append((name, load, {"batching": batching}))
             if model == "lenet" and servers.echo is not None:

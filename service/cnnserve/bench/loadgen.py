@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from cnnserve.gateway.types import Timing
+
 __all__ = [
     "KINDS",
     "ECHO_METHOD",
@@ -109,31 +111,33 @@ class PointResult:
 # ---- the clients ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Timing:
-    server_ms: float = 0.0
-    backend_ms: float = 0.0
-    batch_inputs: int = 0
-
-
 class _Client(Protocol):
     request_bytes: int
 
-    async def call(self, caller: int, index: int) -> _Timing: ...
+    async def call(self, caller: int, index: int) -> Timing: ...
 
     async def close(self) -> None: ...
 
 
-def _channels(target: str, count: int) -> list[Any]:
-    import grpc
+class _GrpcPool:
+    """Up to ``spec.channels`` grpc.aio channels to ``spec.target``, shared by the callers."""
 
-    options = [
-        ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE),
-        # Without a local subchannel pool, channels to one target share one TCP connection.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+    def __init__(self, spec: LoadSpec) -> None:
+        import grpc
+
+        options = [
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            # Without a local subchannel pool, channels to one target share one TCP connection.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        count = max(1, min(spec.channels, spec.concurrency))
+        self._timeout = spec.timeout_s
+        self._channel_list = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(count)]
+
+    async def close(self) -> None:
+        for channel in self._channel_list:
+            await channel.close()
 
 
 def _images_for(spec: LoadSpec, index: int) -> list[bytes]:
@@ -159,57 +163,46 @@ def _classify_requests(spec: LoadSpec) -> list[Any]:
     ]
 
 
-class _GatewayClient:
+class _GatewayClient(_GrpcPool):
     def __init__(self, spec: LoadSpec) -> None:
         from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
-        self._timeout = spec.timeout_s
-        self._channel_list = _channels(spec.target, max(1, min(spec.channels, spec.concurrency)))
+        super().__init__(spec)
         self._stubs = [pb_grpc.ClassifierStub(channel) for channel in self._channel_list]
         self._requests = _classify_requests(spec)
         self.request_bytes = self._requests[0].ByteSize()
 
-    async def call(self, caller: int, index: int) -> _Timing:
+    async def call(self, caller: int, index: int) -> Timing:
         stub = self._stubs[caller % len(self._stubs)]
         reply = await stub.Classify(self._requests[index % len(self._requests)], timeout=self._timeout)
         if not reply.predictions:
             raise RuntimeError("a Classify reply without predictions")
         timing = reply.timing
-        return _Timing(timing.server_ms, timing.backend_ms, timing.batch_inputs)
-
-    async def close(self) -> None:
-        for channel in self._channel_list:
-            await channel.close()
+        return Timing(timing.server_ms, timing.backend_ms, timing.batch_inputs)
 
 
-class _EchoClient:
+class _EchoClient(_GrpcPool):
     def __init__(self, spec: LoadSpec) -> None:
-        self._timeout = spec.timeout_s
-        self._channel_list = _channels(spec.target, max(1, min(spec.channels, spec.concurrency)))
+        super().__init__(spec)
         # No serializers: bytes go out and come back as they are.
         self._methods = [channel.unary_unary(ECHO_METHOD) for channel in self._channel_list]
         self._payloads = [request.SerializeToString() for request in _classify_requests(spec)]
         self.request_bytes = len(self._payloads[0])
 
-    async def call(self, caller: int, index: int) -> _Timing:
+    async def call(self, caller: int, index: int) -> Timing:
         payload = self._payloads[index % len(self._payloads)]
         reply = await self._methods[caller % len(self._methods)](payload, timeout=self._timeout)
         if len(reply) != len(payload):
             raise RuntimeError(f"echo returned {len(reply)} bytes for {len(payload)}")
-        return _Timing()
-
-    async def close(self) -> None:
-        for channel in self._channel_list:
-            await channel.close()
+        return Timing()
 
 
-class _TorchServeGrpcClient:
+class _TorchServeGrpcClient(_GrpcPool):
     def __init__(self, spec: LoadSpec) -> None:
         from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc
 
-        self._timeout = spec.timeout_s
+        super().__init__(spec)
         self._metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else ()
-        self._channel_list = _channels(spec.target, max(1, min(spec.channels, spec.concurrency)))
         self._stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(c) for c in self._channel_list]
         self._requests = [
             inference_pb2.PredictionsRequest(model_name=spec.model, input={"body": image})
@@ -218,7 +211,7 @@ class _TorchServeGrpcClient:
         self.request_bytes = self._requests[0].ByteSize()
         self._checked = False
 
-    async def call(self, caller: int, index: int) -> _Timing:
+    async def call(self, caller: int, index: int) -> Timing:
         stub = self._stubs[caller % len(self._stubs)]
         reply = await stub.Predictions(
             self._requests[index % len(self._requests)], timeout=self._timeout, metadata=self._metadata
@@ -226,11 +219,7 @@ class _TorchServeGrpcClient:
         if not self._checked:  # the handler answers errors with a JSON body too: look at one reply
             _check_prediction(reply.prediction)
             self._checked = True
-        return _Timing()
-
-    async def close(self) -> None:
-        for channel in self._channel_list:
-            await channel.close()
+        return Timing()
 
 
 def _check_prediction(body: bytes) -> None:
@@ -299,7 +288,7 @@ class _TorchServeHttpClient:
         self.request_bytes = len(self._requests[0][0]) + len(self._requests[0][1])
         self._checked = False
 
-    async def call(self, caller: int, index: int) -> _Timing:
+    async def call(self, caller: int, index: int) -> Timing:
         head, body = self._requests[index % len(self._requests)]
         status, payload = await self._connections[caller].request(head, body)
         if status != 200:
@@ -307,7 +296,7 @@ class _TorchServeHttpClient:
         if not self._checked:
             _check_prediction(payload)
             self._checked = True
-        return _Timing()
+        return Timing()
 
     async def close(self) -> None:
         for connection in self._connections:

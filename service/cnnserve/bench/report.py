@@ -124,7 +124,7 @@ def _ratio_target(
     ours: Row | None,
     theirs: Row | None,
     required: float,
-    explain: Callable[[Row, Row, TargetResult], None],
+    explain: Callable[[Row, Row, TargetResult, float], None],
 ) -> TargetResult:
     result = TargetResult(key, description, f">= {required:.2f}x", None, "x", None)
     if ours is None or theirs is None or not ours.throughput_img_s or not theirs.throughput_img_s:
@@ -137,12 +137,12 @@ def _ratio_target(
             f"{ratio:.2f}x instead of {required:.2f}x: {100 * (1 - ratio / required):.0f} % short, "
             f"{required * theirs.throughput_img_s - ours.throughput_img_s:.0f} img/s more needed"
         )
-        explain(ours, theirs, result)
+        explain(ours, theirs, result, required)
     return result
 
 
 def _explain_cpu_bound(
-    ours: Row, theirs: Row, result: TargetResult, their_label: str, rows: Sequence[Row]
+    ours: Row, theirs: Row, result: TargetResult, required: float, their_label: str, rows: Sequence[Row]
 ) -> None:
     result.why.append(_describe_cpu("gateway", ours))
     result.why.append(_describe_cpu(their_label, theirs))
@@ -170,7 +170,6 @@ def _explain_cpu_bound(
     saturated = (ours.machine_cpu_percent or 0) >= 170
     if saturated and ours_cost and theirs_cost:
         # Saturated: images/s = CPU-µs available per second / CPU-µs per image. Same CPU, required images/s:
-        required = float(result.required.split()[-1].rstrip("x"))
         spent = sum(ours_cost.values()) * (ours.throughput_img_s or 0)  # CPU-µs per second on this path
         allowed = spent / (required * (theirs.throughput_img_s or 1))
         gateway = ours_cost.get("gateway", 0.0)
@@ -195,8 +194,8 @@ def _explain_cpu_bound(
 
 def _explain_batched_call(
     model: str, per_call: int, rows: Sequence[Row]
-) -> Callable[[Row, Row, TargetResult], None]:
-    def explain(ours: Row, theirs: Row, result: TargetResult) -> None:
+) -> Callable[[Row, Row, TargetResult, float], None]:
+    def explain(ours: Row, theirs: Row, result: TargetResult, required: float) -> None:
         service = find(rows, "service-inprocess", model, images_per_call=per_call)
         forward = theirs.p50_ms
         pieces = [
@@ -240,7 +239,6 @@ def _explain_batched_call(
                 f"the same call with preprocessed float32 tensors instead of PNGs: "
                 f"{tensors.throughput_img_s:.1f} img/s ({ratio:.2f}x), p50 {tensors.p50_ms:.2f} ms"
             )
-        required = float(result.required.split()[-1].rstrip("x"))
         budget_ms = per_call * 1000.0 / (required * (theirs.throughput_img_s or 1))
         now_ms = 1000.0 * per_call / (ours.throughput_img_s or 1)
         result.close.append(
@@ -353,7 +351,9 @@ def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
             gateway_c,
             find(rows, "torchserve-grpc", "lenet", concurrency=c, batching="on"),
             1.0,
-            lambda ours, theirs, result: _explain_cpu_bound(ours, theirs, result, "torchserve-grpc", rows),
+            lambda ours, theirs, result, required: _explain_cpu_bound(
+                ours, theirs, result, required, "torchserve-grpc", rows
+            ),
         ),
         _ratio_target(
             "gateway-vs-grpc-echo",
@@ -361,7 +361,9 @@ def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
             gateway_c,
             find(rows, "grpc-echo", "lenet", concurrency=c),
             0.7,
-            lambda ours, theirs, result: _explain_cpu_bound(ours, theirs, result, "grpc-echo", rows),
+            lambda ours, theirs, result, required: _explain_cpu_bound(
+                ours, theirs, result, required, "grpc-echo", rows
+            ),
         ),
         _ratio_target(
             "lenet-64-per-call",

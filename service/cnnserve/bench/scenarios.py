@@ -20,7 +20,7 @@ from typing import Any
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec, pooled_latencies
 from cnnserve.bench.results import Row, load_row, percentile, timed_row
 from cnnserve.bench.settings import Budget
-from cnnserve.bench.stack import CpuMeter, GatewayBatches
+from cnnserve.bench.stack import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 from cnnserve.processes import free_ports
 
 __all__ = [
@@ -171,7 +171,7 @@ def load_point(
         extra["first_error"] = errors[0]
     return load_row(
         name,
-        spec.model.removesuffix("-batched"),
+        spec.model.removesuffix(BATCHED_SUFFIX),
         spec.concurrency,
         spec.images_per_call,
         [rep.throughput_img_s for rep in reps],
