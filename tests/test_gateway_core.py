@@ -186,3 +186,14 @@ def test_the_gateway_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_layer_table_survives_the_wire() -> None:
+    """The handler's table -> GetLayerShapesResponse -> the client's LayerTable: nothing lost."""
+    from cnnserve.gateway import converters
+    from cnnserve.models import build_model
+    from cnnserve.shapes import layer_shapes
+
+    table = layer_shapes(build_model("alexnet", num_classes=10), (3, 224, 224))
+    response = converters.shapes_response(table.to_dict() | {"model": "alexnet", "version": "1.0"})
+    assert converters.layer_table(response) == table

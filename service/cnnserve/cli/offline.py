@@ -183,7 +183,8 @@ def _add_shapes(subparsers: Any) -> None:
 def _remote_shapes(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from cnnserve.layer_table import LayerInfo, LayerTable, parse_shape
+    from cnnserve.gateway.converters import layer_table
+    from cnnserve.layer_table import parse_shape
 
     shape = parse_shape(args.input) if args.input else ()
     with connect(args) as client:
@@ -191,27 +192,7 @@ def _remote_shapes(args: argparse.Namespace) -> int:
     data = json_format.MessageToDict(
         reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    table = LayerTable(
-        input_shape=tuple(reply.input_shape),
-        output_shape=tuple(reply.output_shape),
-        layers=tuple(
-            LayerInfo(
-                layer.name,
-                layer.type,
-                tuple(layer.input_shape),
-                tuple(layer.output_shape),
-                layer.parameters,
-                layer.trainable,
-                layer.macs,
-            )
-            for layer in reply.layers
-        ),
-        total_parameters=reply.total_parameters,
-        trainable_parameters=reply.trainable_parameters,
-        total_macs=reply.total_macs,
-        parameter_bytes=reply.parameter_bytes,
-        activation_bytes=reply.activation_bytes,
-    )
+    table = layer_table(reply)
     emit(args, data, lambda: f"{reply.model} v{reply.version} (served)\n{table.format()}")
     return EXIT_OK
 

@@ -26,6 +26,7 @@ from cnnserve.gateway.types import (
     TensorInput,
     Timing,
 )
+from cnnserve.layer_table import LayerInfo, LayerTable
 from cnnserve.v1 import classifier_pb2 as pb
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "classify_result",
     "shapes_call",
     "shapes_response",
+    "layer_table",
     "finetune_call",
     "finetune_request",
     "finetune_response",
@@ -175,6 +177,30 @@ def shapes_response(table: dict[str, Any]) -> pb.GetLayerShapesResponse:
         total_macs=table["total_macs"],
         parameter_bytes=table["parameter_bytes"],
         activation_bytes=table["activation_bytes"],
+    )
+
+
+def layer_table(response: pb.GetLayerShapesResponse) -> LayerTable:
+    return LayerTable(
+        input_shape=tuple(response.input_shape),
+        output_shape=tuple(response.output_shape),
+        layers=tuple(
+            LayerInfo(
+                layer.name,
+                layer.type,
+                tuple(layer.input_shape),
+                tuple(layer.output_shape),
+                layer.parameters,
+                layer.trainable,
+                layer.macs,
+            )
+            for layer in response.layers
+        ),
+        total_parameters=response.total_parameters,
+        trainable_parameters=response.trainable_parameters,
+        total_macs=response.total_macs,
+        parameter_bytes=response.parameter_bytes,
+        activation_bytes=response.activation_bytes,
     )
 
 
