@@ -411,6 +411,23 @@ def test_prometheus_metrics(gateway: GatewayThread, client: ClassifierClient, di
     assert "cnnserve_gateway_shed_total" in text or "cnnserve_gateway_shed" in text
 
 
+def test_health_probe_exit_status(gateway: GatewayThread) -> None:
+    """The container healthcheck: 0 and SERVING from a live gateway; 1 and the reason otherwise."""
+    from cnnserve.processes import free_ports
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "cnnserve.gateway.probe", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    serving = probe("--target", gateway.target, "--service", "cnnserve.v1.Classifier/lenet")
+    assert serving.returncode == 0 and serving.stdout.strip() == "SERVING", serving.stderr
+    unknown = probe("--target", gateway.target, "--service", "cnnserve.v1.Classifier/resnet")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("unhealthy: NOT_FOUND")
+    (port,) = free_ports(1)
+    down = probe("--target", f"127.0.0.1:{port}", "--timeout", "1")
+    assert down.returncode == 1 and down.stderr.startswith("unhealthy: ")
+
+
 # ---- the CLI against the live stack --------------------------------------------------------------------
 
 

@@ -33,17 +33,14 @@ def torchserve_wiring(settings: TorchServeSettings) -> dict[str, str]:
 
 def health_status(target: str, service: str = "", timeout: float = 2.0) -> str | None:
     """The gRPC health status name at ``target`` (None when nothing answers)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from cnnserve.client import ClassifierClient
+    from cnnserve.errors import CnnserveError
 
-    with grpc.insecure_channel(target) as channel:
+    with ClassifierClient(target, timeout=timeout) as client:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError:
+            return client.health(service)
+        except CnnserveError:
             return None
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class GatewayProcess:

@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cnnserve.client import ClassifierClient
+from cnnserve.errors import CnnserveError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,23 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tls-ca", default=os.environ.get("CNNSERVE_GATEWAY_TLS_CA", ""), help="CA bundle for TLS"
     )
     args = parser.parse_args(argv)
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as stream:
-            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(stream.read()))
-    else:
-        channel = grpc.insecure_channel(args.target)
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-        )
-    except grpc.RpcError as error:
-        print(f"unhealthy: {error.code().name} {error.details()}", file=sys.stderr)
+        with ClassifierClient(args.target, tls_ca=args.tls_ca or None, timeout=args.timeout) as client:
+            state = client.health(args.service)
+    except CnnserveError as error:
+        print(f"unhealthy: {error.kind.code_name} {error.message}", file=sys.stderr)
         return 1
-    finally:
-        channel.close()
-    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(state)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if state == "SERVING" else 1
 
 
 if __name__ == "__main__":
