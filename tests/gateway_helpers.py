@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
-from cnnserve.gateway.backend import Backend
-from cnnserve.gateway.server import RunningGateway, create_server
+from cnnserve.gateway.server import GatewayThread
 from cnnserve.gateway.settings import GatewaySettings
 from cnnserve.stack import torchserve_wiring
 from cnnserve.torchserve import TorchServe
 
-T = TypeVar("T")
+__all__ = ["GatewayThread", "settings_for"]
 
 
 def settings_for(torchserve: TorchServe, **overrides: Any) -> GatewaySettings:
@@ -26,27 +22,3 @@ def settings_for(torchserve: TorchServe, **overrides: Any) -> GatewaySettings:
         grace_period=5.0,
     )
     return replace(base, **overrides)
-
-
-class GatewayThread:
-    """A gateway served from a private event loop, so blocking clients can call it from the test thread."""
-
-    def __init__(self, settings: GatewaySettings, backend: Backend | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running: RunningGateway = self.run(create_server(settings, backend))
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    def stop(self, grace: float | None = 0.0) -> None:
-        try:
-            self.run(self.running.stop(grace))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)

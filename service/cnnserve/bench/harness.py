@@ -110,7 +110,7 @@ class _Servers:
     def __init__(self) -> None:
         self.echo: Any = None
         self.stack: Any = None  # ServerStack (full run)
-        self.inprocess: Any = None  # InProcessGateway (smoke run)
+        self.inprocess: Any = None  # a GatewayThread on the in-process backend (smoke run)
 
     @property
     def gateway_target(self) -> str:
@@ -220,7 +220,7 @@ def run(
     """Run the benchmark as ``settings`` say and write its results into ``settings.out``."""
     from cnnserve.bench import scenarios
     from cnnserve.bench.echo import EchoServer
-    from cnnserve.bench.stack import InProcessGateway, ServerStack, find_exports, prepare_artifacts
+    from cnnserve.bench.stack import ServerStack, find_exports, inprocess_gateway, prepare_artifacts
 
     started = time.monotonic()
     machine = describe_machine()
@@ -252,7 +252,7 @@ def run(
                     servers.stack.start(log)
                 else:
                     state_dir.mkdir(parents=True, exist_ok=True)
-                    servers.inprocess = InProcessGateway(exports, state_dir / "revisions")
+                    servers.inprocess = inprocess_gateway(exports, state_dir / "revisions")
                 rows += _load_points(settings, servers, loadgen, exports, images, log)
                 if settings.wants("finetune-gateway") and "lenet" in exports:
                     log("finetune-gateway: LeNet, 64 images")

@@ -13,17 +13,18 @@ Layout under the work directory (default ``var/bench``; reused between runs):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import shutil
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cnnserve.gateway.server import GatewayThread
 
 __all__ = [
     "MODELS",
@@ -31,7 +32,7 @@ __all__ = [
     "find_exports",
     "prepare_artifacts",
     "ServerStack",
-    "InProcessGateway",
+    "inprocess_gateway",
     "CpuMeter",
     "GatewayBatches",
 ]
@@ -40,7 +41,6 @@ MODELS = ("lenet", "alexnet")
 BATCHED_SUFFIX = "-batched"
 # TorchServe batching for the -batched twins: requests per handle() call, and the wait to fill one.
 TWIN_BATCHING = {"lenet": (16, 5), "alexnet": (8, 5)}
-T = TypeVar("T")
 Log = Callable[[str], None]
 
 
@@ -272,35 +272,17 @@ class ServerStack:
         self.stop()
 
 
-class InProcessGateway:
+def inprocess_gateway(exports: dict[str, Path], revisions_dir: Path) -> GatewayThread:
     """The gateway with the in-process backend, on its own event loop thread: smoke runs, no TorchServe.
 
     It shares this process (and its GIL) with the harness; only the load generator is outside.
     """
+    from cnnserve.gateway.inprocess import InProcessBackend
+    from cnnserve.gateway.server import GatewayThread
+    from cnnserve.gateway.settings import GatewaySettings
+    from cnnserve.serving.service import ModelService, ServiceConfig
 
-    def __init__(self, exports: dict[str, Path], revisions_dir: Path) -> None:
-        from cnnserve.gateway.inprocess import InProcessBackend
-        from cnnserve.gateway.server import create_server
-        from cnnserve.gateway.settings import GatewaySettings
-        from cnnserve.serving.service import ModelService, ServiceConfig
-
-        config = ServiceConfig(revisions_dir=str(revisions_dir))
-        backend = InProcessBackend({name: ModelService(path, config, name) for name, path in exports.items()})
-        settings = GatewaySettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", health_interval=1.0)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running = self._run(create_server(settings, backend))
-        self.target = f"127.0.0.1:{self.running.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
-
-    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        try:
-            self._run(self.running.stop(0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+    config = ServiceConfig(revisions_dir=str(revisions_dir))
+    backend = InProcessBackend({name: ModelService(path, config, name) for name, path in exports.items()})
+    settings = GatewaySettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", health_interval=1.0)
+    return GatewayThread(settings, backend)

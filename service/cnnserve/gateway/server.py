@@ -3,6 +3,7 @@
 :func:`create_server` builds and starts it on an address (port 0 picks a free port; tests use that) and
 returns a :class:`RunningGateway`; :func:`serve` runs one until SIGTERM/SIGINT with a graceful shutdown:
 health turns NOT_SERVING first, new calls are refused, calls in flight get ``grace_period`` seconds.
+:class:`GatewayThread` runs one on an event loop thread of its own, beside blocking code (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import contextlib
 import hmac
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,9 +31,10 @@ from cnnserve.gateway.servicer import ClassifierServicer
 from cnnserve.gateway.settings import GatewaySettings, parse_address
 from cnnserve.v1 import classifier_pb2, classifier_pb2_grpc
 
-__all__ = ["RunningGateway", "create_server", "serve", "SERVICE_NAME", "model_health_name"]
+__all__ = ["RunningGateway", "GatewayThread", "create_server", "serve", "SERVICE_NAME", "model_health_name"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name  # cnnserve.v1.Classifier
 _OUR_METHODS = f"/{SERVICE_NAME}/"
@@ -222,3 +225,35 @@ async def serve(settings: GatewaySettings, ready: Callable[[RunningGateway], Non
     log.info("shutting down: health NOT_SERVING, %.1f s grace for calls in flight", settings.grace_period)
     with contextlib.suppress(asyncio.CancelledError):
         await running.stop()
+
+
+class GatewayThread:
+    """A gateway served from a private event loop thread, so that blocking code can call it meanwhile."""
+
+    def __init__(self, settings: GatewaySettings, backend: Backend | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: RunningGateway = self.run(create_server(settings, backend))
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run ``coroutine`` on the gateway's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        port = self.running.metrics_port
+        return f"http://127.0.0.1:{port}/metrics" if port else None
+
+    def stop(self, grace: float | None = 0.0) -> None:
+        try:
+            self.run(self.running.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()
