@@ -2,8 +2,9 @@
 
 Layers, outermost first (protobuf types never pass below the first):
 
-- :mod:`.server` and :mod:`.servicer`: grpc.aio server, thin servicers, interceptors (auth, load shedding,
-  metrics), health and reflection. :mod:`.converters` turns messages into :mod:`.types` and back.
+- :mod:`.server` and :mod:`.servicer`: grpc.aio server, an auth interceptor, thin servicers that shed load
+  (:mod:`.limits`) and count metrics, health and reflection. :mod:`.converters` turns messages into
+  :mod:`.types` and back.
 - :mod:`.core`: :class:`~cnnserve.gateway.core.Gateway`, transport-agnostic: validation, micro-batching
   (:mod:`.batching`), routing, retries, model health.
 - :mod:`.backend`: :class:`~cnnserve.gateway.backend.TorchServeBackend` (TorchServe's gRPC API, with the

@@ -1,4 +1,4 @@
-"""The gateway server: grpc.aio with interceptors (auth, load shedding), health, reflection and metrics.
+"""The gateway server: grpc.aio with an auth interceptor, load shedding, health, reflection and metrics.
 
 :func:`create_server` builds and starts it on an address (port 0 picks a free port; tests use that) and
 returns a :class:`RunningGateway`; :func:`serve` runs one until SIGTERM/SIGINT with a graceful shutdown:
