@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["stop_process_group", "stop_child", "tail", "free_ports"]
+__all__ = ["stop_process_group", "stop_child", "read_pid", "tail", "free_ports"]
 
 
 def stop_process_group(pid: int, timeout: float = 30.0) -> bool:
@@ -37,6 +37,14 @@ def stop_child(process: subprocess.Popen[bytes], pid_file: Path, timeout: float 
     stop_process_group(process.pid, timeout)
     process.wait()
     pid_file.unlink(missing_ok=True)
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The process id a pid file holds (None when the file is missing or holds no number)."""
+    try:
+        return int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def tail(path: Path, lines: int = 20) -> str:

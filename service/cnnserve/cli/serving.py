@@ -202,7 +202,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from cnnserve.torchserve import PID_FILE, TorchServe
 
     settings = torchserve_settings(args)
-    if (settings.state_dir / PID_FILE).exists() and _alive(settings.state_dir / PID_FILE):
+    if _alive(settings.state_dir / PID_FILE):
         raise FailedPreconditionError(
             f"already serving from {settings.state_dir} (run `cnnserve stop` first)"
         )
@@ -288,9 +288,14 @@ def _wait_in_foreground(torchserve: Any, gateway: Any) -> int:
 
 
 def _alive(pid_file: Path) -> bool:
+    from cnnserve.processes import read_pid
+
+    pid = read_pid(pid_file)
+    if pid is None:
+        return False
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
-    except (ValueError, ProcessLookupError, PermissionError):
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
         return False
     return True
 
@@ -329,7 +334,7 @@ def _add_stop(subparsers: Any) -> None:
 
 
 def _run_stop(args: argparse.Namespace) -> int:
-    from cnnserve.processes import stop_process_group
+    from cnnserve.processes import read_pid, stop_process_group
     from cnnserve.stack import GATEWAY_PID_FILE
     from cnnserve.torchserve import PID_FILE
 
@@ -342,10 +347,7 @@ def _run_stop(args: argparse.Namespace) -> int:
     ):
         if not pid_file.exists():
             continue
-        try:
-            pid = int(pid_file.read_text().strip())
-        except ValueError:
-            pid = 0
+        pid = read_pid(pid_file)
         if pid and stop_process_group(pid):
             stopped.append(name)
         pid_file.unlink(missing_ok=True)
