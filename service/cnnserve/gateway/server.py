@@ -154,12 +154,13 @@ async def create_server(
 ) -> RunningGateway:
     """Build, start and return the gateway. ``backend`` defaults to TorchServe as ``settings`` say."""
     metrics = metrics or GatewayMetrics()
+    max_bytes = settings.max_message_mb * 2**20
     if backend is None:
         backend = TorchServeBackend(
             settings.torchserve,
             settings.torchserve_management,
             settings.torchserve_key_file or None,
-            max_message_bytes=settings.max_message_mb * 2**20,
+            max_message_bytes=max_bytes,
         )
     core = Gateway(
         backend,
@@ -171,7 +172,6 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.token:
         interceptors.append(AuthInterceptor(settings.token))
-    max_bytes = settings.max_message_mb * 2**20
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
