@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from cnnserve.bench.loadgen import LoadSpec
 from cnnserve.bench.report import PLOTS, evaluate_targets
 from cnnserve.bench.results import CDF_POINTS, SCENARIOS, Row, load_row, percentile, quantiles, timed_row
 from cnnserve_export.export import ExportResult
+from tests.helpers import cnnserve as run_cnnserve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -39,15 +39,8 @@ ROW_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def cnnserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "cnnserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+def cnnserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_cnnserve(*args, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 # ---- statistics -------------------------------------------------------------------------------------

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cnnserve.cli import build_parser
-
-
-def cnnserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cnnserve.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+from tests.helpers import cnnserve
 
 
 def subcommands() -> list[str]:

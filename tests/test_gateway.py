@@ -38,7 +38,7 @@ from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
 from tests.gateway_helpers import GatewayThread, settings_for
-from tests.helpers import png_bytes
+from tests.helpers import cnnserve, png_bytes
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
@@ -429,12 +429,6 @@ def test_health_probe_exit_status(gateway: GatewayThread) -> None:
 
 
 # ---- the CLI against the live stack --------------------------------------------------------------------
-
-
-def cnnserve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cnnserve.cli", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_cli_against_the_live_gateway(gateway: GatewayThread, tmp_path: Path, digits: ImageData) -> None:
