@@ -464,3 +464,45 @@ def test_cli_against_the_live_gateway(gateway: GatewayThread, tmp_path: Path, di
     assert {m["name"] for m in json.loads(models.stdout)} == {"lenet", "alexnet"}
     missing = cnnserve("classify", str(image), "--model", "resnet", *target)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "unknown model" in missing.stderr
+
+
+def test_serve_detach_refuses_a_second_start_and_stop_ends_both(
+    model_store: Path, tmp_path: Path, digits: ImageData
+) -> None:
+    """`cnnserve serve --detach` as a user runs it (its own TorchServe and gateway), then `cnnserve stop`."""
+    from cnnserve.processes import free_ports
+
+    ports = [str(port) for port in free_ports(7)]
+    state = tmp_path / "state"
+    target = f"127.0.0.1:{ports[5]}"
+    flags = [
+        "--model-store", str(model_store),
+        "--state-dir", str(state),
+        "--inference-port", ports[0],
+        "--management-port", ports[1],
+        "--metrics-port", ports[2],
+        "--grpc-inference-port", ports[3],
+        "--grpc-management-port", ports[4],
+        "--listen", target,
+        "--metrics-listen", f"127.0.0.1:{ports[6]}",
+        "--no-build",
+        "--detach",
+        "--json",
+    ]  # fmt: skip
+    served = cnnserve("serve", *flags)
+    try:
+        assert served.returncode == 0, served.stderr[-3000:]
+        info = json.loads(served.stdout)
+        assert info["models"] == ["alexnet", "lenet"] and info["grpc_gateway"] == target
+        assert info["key_file"] == str(state / "torchserve" / "key_file.json")
+        assert info["torchserve_grpc"] == f"127.0.0.1:{ports[3]}"
+        with ClassifierClient(target, timeout=60) as served_client:
+            result = served_client.classify("lenet", digit_pngs(digits, 0, 1))
+        assert result.predictions[0][0].label in [str(i) for i in range(10)]
+        again = cnnserve("serve", *flags)
+        assert again.returncode != 0 and "already serving" in again.stderr
+    finally:
+        stopped = cnnserve("stop", "--state-dir", str(state), "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["stopped"] == ["gateway", "torchserve"]
+    assert not (state / "gateway.pid").exists() and not (state / "torchserve" / "torchserve.pid").exists()
