@@ -164,7 +164,15 @@ class ClassifierClient:
         expected_revision: int | None = None,
         version: str = "",
         timeout: float | None = None,
+        max_grad_norm: float | None = None,
     ) -> FineTuneResult:
+        """One SGD step; every worker serves the new revision once this returns.
+
+        ``max_grad_norm`` clips the gradient's total L2 norm (None: no clipping); ``result.grad_norm`` is
+        the norm before clipping, ``result.grad_clipped`` says whether it was clipped. A step that diverges
+        (non-finite loss, gradient or weights) raises :class:`~cnnserve.errors.FailedPreconditionError` and
+        leaves the model at its revision; an lr above the worker's bound raises ``InvalidInputError``.
+        """
         call = FineTuneCall(
             model=model,
             inputs=tuple(_model_input(i) for i in inputs),
@@ -176,6 +184,7 @@ class ClassifierClient:
             train_layers=train_layers,
             request_id=request_id,
             expected_revision=expected_revision,
+            max_grad_norm=max_grad_norm,
         )
         response = self._call(self._stub.FineTuneStep, converters.finetune_request(call), timeout)
         return converters.finetune_result(response)

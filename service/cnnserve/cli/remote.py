@@ -143,10 +143,18 @@ def _add_finetune(subparsers: Any) -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--lr", type=float, default=0.01, help="SGD learning rate (refused above the worker's max_lr)"
+    )
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--train-layers", choices=["all", "classifier"], default="all")
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        metavar="N",
+        help="clip each step's gradient to this total L2 norm (default: no clipping)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_target_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per step, then a summary")
@@ -180,6 +188,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                 momentum=args.momentum,
                 weight_decay=args.weight_decay,
                 train_layers=args.train_layers,
+                max_grad_norm=args.max_grad_norm,
             )
             row = {
                 "step": step + 1,
@@ -188,6 +197,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                 "loss_after": round(result.loss_after, 5),
                 "batch_accuracy": round(result.batch_accuracy, 4),
                 "grad_norm": round(result.grad_norm, 4),
+                "grad_clipped": result.grad_clipped,
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             }
             steps.append(row)
@@ -196,7 +206,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             else:
                 print(
                     f"step {row['step']:>4}  revision {row['revision']:>5}  loss {row['loss_before']:.4f} -> "
-                    f"{row['loss_after']:.4f}  batch acc {row['batch_accuracy']:.2%}  ({row['ms']} ms)",
+                    f"{row['loss_after']:.4f}  batch acc {row['batch_accuracy']:.2%}  ({row['ms']} ms)"
+                    + ("  gradient clipped" if row["grad_clipped"] else ""),
                     flush=True,
                 )
     summary = {"model": args.model, "steps": len(steps), "revision": steps[-1]["revision"]}

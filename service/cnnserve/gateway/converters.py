@@ -221,6 +221,8 @@ def finetune_call(request: pb.FineTuneStepRequest) -> FineTuneCall:
         train_layers=_TRAIN_LAYERS[request.train_layers],
         request_id=request.request_id,
         expected_revision=request.expected_revision if request.HasField("expected_revision") else None,
+        # proto3 style: unset and 0 both mean no clipping (the core checks the rest)
+        max_grad_norm=request.max_grad_norm or None,
     )
 
 
@@ -238,6 +240,8 @@ def finetune_request(call: FineTuneCall) -> pb.FineTuneStepRequest:
     )
     if call.expected_revision is not None:
         request.expected_revision = call.expected_revision
+    if call.max_grad_norm is not None:
+        request.max_grad_norm = call.max_grad_norm
     return request
 
 
@@ -255,6 +259,7 @@ def finetune_response(result: FineTuneResult) -> pb.FineTuneStepResponse:
         replayed=result.replayed,
         request_id=result.request_id,
         timing=_timing(result.timing),
+        grad_clipped=result.grad_clipped,
     )
 
 
@@ -272,6 +277,7 @@ def finetune_result(response: pb.FineTuneStepResponse) -> FineTuneResult:
         replayed=response.replayed,
         request_id=response.request_id,
         timing=_timing_from(response.timing),
+        grad_clipped=response.grad_clipped,
     )
 
 

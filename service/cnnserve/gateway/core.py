@@ -372,6 +372,12 @@ class Gateway:
             raise InvalidInputError.for_field("momentum", f"must be in [0, 1), got {call.momentum}")
         if not (math.isfinite(call.weight_decay) and call.weight_decay >= 0):
             raise InvalidInputError.for_field("weight_decay", f"must be >= 0, got {call.weight_decay}")
+        # The lr's upper bound is the worker's (max_lr, where archives are configured), not checked here.
+        clip = call.max_grad_norm
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise InvalidInputError.for_field(
+                "max_grad_norm", f"must be a finite number > 0 (unset: no clipping), got {clip}"
+            )
         if len(call.request_id) > 128:
             raise InvalidInputError.for_field("request_id", "at most 128 characters")
         # With an id, a retry after a lost reply cannot apply the step twice: the store replays the result.
@@ -386,6 +392,7 @@ class Gateway:
             "train_layers": call.train_layers,
             "request_id": request_id,
             "expected_revision": call.expected_revision,
+            "max_grad_norm": call.max_grad_norm,
         }
         sent = time.perf_counter()
         try:
@@ -409,6 +416,7 @@ class Gateway:
             replayed=bool(body.get("replayed", False)),
             request_id=request_id,
             timing=timing,
+            grad_clipped=bool(body.get("grad_clipped", False)),  # absent from an older worker's replay
         )
 
     async def list_models(self) -> list[ModelStatus]:

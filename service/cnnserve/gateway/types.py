@@ -89,6 +89,7 @@ class FineTuneCall:
     train_layers: str = "all"  # all | classifier
     request_id: str = ""
     expected_revision: int | None = None
+    max_grad_norm: float | None = None  # clip the gradient's total L2 norm to this; None: no clipping
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,11 @@ class FineTuneResult:
     loss_before: float
     loss_after: float
     batch_accuracy: float
-    grad_norm: float
+    grad_norm: float  # before any clipping
     replayed: bool
     request_id: str
     timing: Timing = field(default_factory=Timing)
+    grad_clipped: bool = False  # grad_norm was above max_grad_norm: the update used the clipped gradient
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ model-config.yaml key      environment variable             meaning
 ``max_finetune_batch``     ``CNNSERVE_MAX_FINETUNE_BATCH``  inputs per fine-tune step (default 256)
 ``retention``              ``CNNSERVE_REVISION_RETENTION``  revisions kept besides the base (default 10)
 ``runtime_cache``          ``CNNSERVE_RUNTIME_CACHE``       loaded revisions kept per worker (default 4)
+``max_lr``                 ``CNNSERVE_MAX_LR``              largest lr a fine-tune step may ask for (default
+                                                            10.0, ``DEFAULT_MAX_LR``); above: INVALID_ARGUMENT
 (none)                     ``CNNSERVE_REVISIONS_DIR``       the revision store; unset: fine-tuning disabled
 ========================== ================================ ===============================================
 
@@ -21,6 +23,7 @@ else ``cpu``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -40,6 +43,7 @@ _ENV_NAMES = {
     "max_forward_batch": "CNNSERVE_MAX_FORWARD_BATCH",
     "retention": "CNNSERVE_REVISION_RETENTION",
     "runtime_cache": "CNNSERVE_RUNTIME_CACHE",
+    "max_lr": "CNNSERVE_MAX_LR",
     "revisions_dir": "CNNSERVE_REVISIONS_DIR",
 }
 
@@ -68,6 +72,13 @@ def service_config(
                 raise FailedPreconditionError(f"{source}={raw!r} is not an integer") from None
             if value < 1:
                 raise FailedPreconditionError(f"{source}={raw!r} must be at least 1")
+        elif str(types[name]) == "float":
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise FailedPreconditionError(f"{source}={raw!r} is not a number") from None
+            if not (math.isfinite(value) and value > 0):
+                raise FailedPreconditionError(f"{source}={raw!r} must be a finite number > 0")
         else:
             value = str(raw)
         values[name] = value

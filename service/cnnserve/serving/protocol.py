@@ -87,6 +87,7 @@ class FineTuneRequest:
     train_layers: str = "all"
     request_id: str | None = None  # a repeat returns the first result instead of stepping again
     expected_revision: int | None = None  # refuse (409) when the head has moved on
+    max_grad_norm: float | None = None  # clip the gradient's total L2 norm to this; None (or 0): no clipping
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,13 @@ def _build_finetune(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Fi
     train_layers = body.get("train_layers", "all")
     if train_layers not in TRAIN_LAYERS:
         raise InvalidInputError.for_field("train_layers", f"expected one of {', '.join(TRAIN_LAYERS)}")
+    max_grad_norm = None
+    if body.get("max_grad_norm") is not None:
+        max_grad_norm = _float(body, "max_grad_norm", None)
+        if max_grad_norm < 0:
+            raise InvalidInputError.for_field(
+                "max_grad_norm", f"must be > 0 (0 or null: no clipping), got {max_grad_norm}"
+            )
     request_id = body.get("request_id")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 128):
         raise InvalidInputError.for_field("request_id", "expected a string of 1 to 128 characters")
@@ -337,6 +345,7 @@ def _build_finetune(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Fi
         train_layers=train_layers,
         request_id=request_id or None,
         expected_revision=_int(body, "expected_revision", None),
+        max_grad_norm=max_grad_norm or None,
     )
 
 

@@ -14,6 +14,12 @@ Revision 0 is the trained base, whose weights ship inside the .mar. A fine-tune 
 each append a revision; nothing is rewritten. Writers hold the lock for the whole read-modify-write; readers
 never lock: files are immutable once renamed into place, and ``manifest.json`` and ``HEAD`` are replaced
 atomically (manifest first, so a HEAD a reader sees is always in the manifest).
+
+The store never holds a non-finite value: ``manifest.json`` is strict JSON (written with ``allow_nan=False``,
+any non-finite float in a step's result becoming ``null``), and weights or momentum with a NaN or an infinity
+are refused before anything is written. A manifest written by an older cnnserve may hold ``NaN``: it is read
+with such values as ``None`` (and rewritten strict at the next commit); such a revision's weights are refused
+where they would be served (``ModelService``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -31,9 +38,10 @@ from typing import Any
 import torch
 
 from cnnserve.errors import FailedPreconditionError, NotFoundError
+from cnnserve.serving.finetune import first_non_finite
 from cnnserve.weights import load_weights, read_metadata, save_weights
 
-__all__ = ["Revision", "RevisionStore", "DEFAULT_RETENTION"]
+__all__ = ["Revision", "RevisionStore", "DEFAULT_RETENTION", "finite_json"]
 
 DEFAULT_RETENTION = 10  # besides the base
 MANIFEST = "manifest.json"
@@ -111,7 +119,8 @@ class RevisionStore:
         return int(text[0]), text[1]
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads((self.directory / MANIFEST).read_text())  # type: ignore[no-any-return]
+        """The manifest, with any non-finite number an older cnnserve wrote (``NaN``) read as ``None``."""
+        return finite_json(json.loads((self.directory / MANIFEST).read_text()))  # type: ignore[no-any-return]
 
     def revisions(self) -> list[Revision]:
         return [Revision(**entry) for entry in self.manifest()["revisions"]]
@@ -171,6 +180,8 @@ class RevisionStore:
         """
         manifest = self.manifest()
         number = max(entry["revision"] for entry in manifest["revisions"]) + 1
+        _refuse_non_finite(weights, "weights")
+        _refuse_non_finite(momentum, "momentum buffer")
         if weights is not None:
             new_file = f"rev-{number:06d}.safetensors"
             sha256 = save_weights(weights, self.directory / new_file)
@@ -193,6 +204,7 @@ class RevisionStore:
 
     def save_momentum(self, revision: int, buffers: dict[str, torch.Tensor]) -> None:
         """Momentum buffers for ``revision`` (the head); the next step continues from them."""
+        _refuse_non_finite(buffers, "momentum buffer")
         if buffers:
             save_weights(buffers, self.directory / MOMENTUM, metadata={"revision": str(revision)})
         else:
@@ -220,8 +232,27 @@ class RevisionStore:
 
     def _commit(self, manifest: dict[str, Any]) -> None:
         head = next(e for e in manifest["revisions"] if e["revision"] == manifest["head"])
-        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        text = json.dumps(finite_json(manifest), indent=1, allow_nan=False)
+        _write_atomic(self.directory / MANIFEST, text + "\n")
         _write_atomic(self.directory / HEAD, f"{head['revision']} {head['sha256']}\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` (decoded JSON) with every NaN and infinity replaced by ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor] | None, what: str) -> None:
+    """A bug guard: the step checked already; the store must never hold a NaN or an infinity."""
+    bad = first_non_finite((tensors or {}).items())
+    if bad is not None:
+        raise ValueError(f"refusing to store {what} {bad}: it has non-finite values")
 
 
 def _ranges(numbers: list[int]) -> str:

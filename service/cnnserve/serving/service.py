@@ -20,10 +20,22 @@ import numpy as np
 import torch
 
 from cnnserve.card import ModelCard, load_card
-from cnnserve.errors import CnnserveError, ConflictError, InvalidInputError, NotFoundError
+from cnnserve.errors import (
+    CnnserveError,
+    ConflictError,
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundError,
+)
 from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded
 from cnnserve.runtime import Runtime, load_runtime
-from cnnserve.serving.finetune import StepSettings, sgd_step
+from cnnserve.serving.finetune import (
+    DEFAULT_MAX_LR,
+    DivergedStepError,
+    StepSettings,
+    first_non_finite,
+    sgd_step,
+)
 from cnnserve.serving.protocol import (
     ClassifyRequest,
     FineTuneRequest,
@@ -57,6 +69,7 @@ class ServiceConfig:
     revisions_dir: str | None = None  # None: fine-tuning disabled, the base is served
     retention: int = DEFAULT_RETENTION
     runtime_cache: int = 4  # loaded revisions kept per worker
+    max_lr: float = DEFAULT_MAX_LR  # a fine-tune step asking for more is refused (INVALID_ARGUMENT)
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class ModelService:
             self._shape_model = self.card.build_model()  # architecture only, no memory
         self._trainer: _Trainer | None = None
         self._head_cache: Revision | None = None
+        self._unservable: dict[str, str] = {}  # sha256 -> why: weights an older cnnserve stored with NaN
 
     # ---- the batch ------------------------------------------------------------------------------
 
@@ -245,8 +259,22 @@ class ModelService:
             outputs = np.concatenate(
                 [runtime.run(stacked[s : s + step]) for s in range(0, len(stacked), step)]
             )
-            for (pending, position), row in zip(live, outputs):  # one output row per input
-                logits[(pending.index, position)] = row
+            finite = np.isfinite(outputs).all(axis=1)
+            for (pending, position), row, ok in zip(live, outputs, finite):  # one output row per input
+                if ok:
+                    logits[(pending.index, position)] = row
+                    continue
+                # Finite weights can still overflow on some input (a step whose loss exploded but stayed
+                # finite): answer that input with an error, never NaN probabilities.
+                assert pending.revision is not None
+                unstable = FailedPreconditionError(
+                    f"revision {pending.revision.revision} of {self.name} produced non-finite scores for "
+                    f"inputs[{position}]: its weights are unstable; pin or roll back to an earlier revision, "
+                    "or Reset"
+                )
+                pending.tensors[position] = unstable
+                if not pending.request.per_input_errors:
+                    errors.setdefault(pending.index, unstable)
         finished = time.perf_counter()
 
         timing = {
@@ -304,7 +332,7 @@ class ModelService:
             self._runtimes.move_to_end(revision.sha256)
             return cached
         if weights is None and revision.sha256 != self.base.sha256:
-            weights = require_store(self.store).load(revision)
+            weights = self._load_checked(revision)
         runtime = load_runtime(
             self.model_dir, self.config.format, weights, self.config.device, self.config.threads
         )
@@ -362,10 +390,15 @@ class ModelService:
     def rollback(self, to_revision: int, kind: str) -> dict[str, Any]:
         """Make ``to_revision``'s weights the head again, as a new revision (rollback and reset)."""
         store = require_store(self.store)
+        checked: dict[str, torch.Tensor] | None = None
         with store.locked():
             target = self.base if to_revision == 0 else store.get(to_revision)
+            if target.sha256 != self.base.sha256 and target.sha256 not in self._runtimes:
+                checked = self._load_checked(target)  # never make weights with NaN the head again
             head, _ = store.head()
             revision = store.append(kind, parent=head, step=target.step, same_as=target)
+        if checked is not None:
+            self._runtime(revision, checked)  # read once: serve it from the weights just checked
         log.info(
             "%s %s: revision %d now serves the weights of revision %d",
             kind,
@@ -382,6 +415,13 @@ class ModelService:
 
     def finetune(self, request: FineTuneRequest) -> dict[str, Any]:
         store = require_store(self.store)
+        if request.lr > self.config.max_lr:
+            raise InvalidInputError.for_field(
+                "lr",
+                f"{request.lr:g} is above this model's bound of {self.config.max_lr:g} (max_lr: raise it "
+                "with CNNSERVE_MAX_LR in TorchServe's environment, or handler.max_lr in the archive's "
+                "model-config.yaml)",
+            )
         if len(request.inputs) > self.config.max_finetune_batch:
             raise InvalidInputError.for_field(
                 "inputs",
@@ -396,13 +436,15 @@ class ModelService:
             prepare_decoded([self._decode(raw, i) for i, raw in enumerate(request.inputs)], self.pre)
         )
         labels = torch.tensor(request.labels, dtype=torch.int64)
-        settings = StepSettings(request.lr, request.momentum, request.weight_decay, request.train_layers)
+        settings = StepSettings(
+            request.lr, request.momentum, request.weight_decay, request.train_layers, request.max_grad_norm
+        )
 
         with store.locked():  # one writer per model across every worker process
             if request.request_id is not None:
                 done = store.find_request(request.request_id)
                 if done is not None and done.result is not None:
-                    return {**done.result, "replayed": True}
+                    return self._replay(request.request_id, done)
             head_number, _ = store.head()
             if request.expected_revision is not None and request.expected_revision != head_number:
                 raise ConflictError(
@@ -411,13 +453,21 @@ class ModelService:
             head = self.base if head_number == 0 else store.get(head_number)
             trainer = self._trainer_at(head, store)
             device = torch.device(self.config.device)
-            result, buffers = sgd_step(
-                trainer.model,
-                inputs.to(device),
-                labels.to(device),
-                settings,
-                store.load_momentum(head.revision),
-            )
+            try:
+                result, buffers = sgd_step(
+                    trainer.model,
+                    inputs.to(device),
+                    labels.to(device),
+                    settings,
+                    store.load_momentum(head.revision),
+                )
+            except BaseException as exc:
+                # sgd_step put the weights back; reloading the head anyway makes the next step start from
+                # the store's head whatever a failed step left behind (refused steps are rare).
+                trainer.revision, trainer.sha256 = -1, ""
+                if isinstance(exc, DivergedStepError):
+                    raise self._diverged(exc, settings, head) from None
+                raise
             # A snapshot, not views of the trainable parameters that the next step changes in place.
             weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
             reply = {
@@ -429,6 +479,8 @@ class ModelService:
                 "loss_after": result.loss_after,
                 "batch_accuracy": result.batch_accuracy,
                 "grad_norm": result.grad_norm,
+                "grad_clipped": result.grad_clipped,
+                "max_grad_norm": settings.max_grad_norm,
                 "batch_size": len(labels),
                 "train_layers": settings.train_layers,
                 "lr": settings.lr,
@@ -453,6 +505,58 @@ class ModelService:
         )
         return {**reply, "revision": revision.revision, "replayed": False}
 
+    def _diverged(self, exc: DivergedStepError, settings: StepSettings, head: Revision) -> CnnserveError:
+        """FAILED_PRECONDITION for a refused step: what diverged, with which lr, and the unchanged head."""
+        clip = "" if settings.max_grad_norm is None else f" and max_grad_norm {settings.max_grad_norm:g}"
+        log.warning(
+            "fine-tune step on %s refused: %s (lr %g%s); head stays at revision %d",
+            self.name,
+            exc.reason,
+            settings.lr,
+            clip,
+            head.revision,
+        )
+        return FailedPreconditionError(
+            f"fine-tune step refused: {exc.reason} with lr {settings.lr:g}{clip}; {self.name} stays at "
+            f"revision {head.revision} and nothing was written (try a smaller lr, or max_grad_norm to clip "
+            "the gradient)"
+        )
+
+    def _replay(self, request_id: str, done: Revision) -> dict[str, Any]:
+        """The first result of ``request_id``: unless an older cnnserve stored that step diverged."""
+        assert done.result is not None
+        missing = [
+            key
+            for key in ("loss_before", "loss_after", "grad_norm")
+            if not isinstance(done.result.get(key), (int, float))
+        ]
+        if missing:  # NaN read back as None: this cnnserve would have refused the step
+            raise FailedPreconditionError(
+                f"request_id {request_id!r} was applied as revision {done.revision} by an older cnnserve and "
+                f"diverged ({missing[0]} is not finite); that revision is never served: Reset or roll back, "
+                "then send the step again with a new request_id"
+            )
+        return {**done.result, "replayed": True}
+
+    def _load_checked(self, revision: Revision) -> dict[str, torch.Tensor]:
+        """A stored revision's weights; FAILED_PRECONDITION when they hold a NaN or an infinity.
+
+        Only an older cnnserve, which published diverged steps, can have stored such weights: they are never
+        served nor trained on. The verdict is kept per sha256, so a bad head costs one read per worker.
+        """
+        why = self._unservable.get(revision.sha256)
+        if why is None:
+            weights = require_store(self.store).load(revision)
+            bad = first_non_finite(weights.items())
+            if bad is None:
+                return weights
+            why = self._unservable[revision.sha256] = f"{bad} has non-finite values"
+        raise FailedPreconditionError(
+            f"revision {revision.revision} of {self.name} cannot be served: its weights are not finite "
+            f"({why}; stored by an older cnnserve that published diverged steps); pin a good revision, "
+            "roll back to one, or Reset"
+        )
+
     def _trainer_at(self, head: Revision, store: RevisionStore) -> _Trainer:
         """The trainable copy, loaded with ``head``'s weights unless it already holds them."""
         if self._trainer is None:
@@ -460,7 +564,11 @@ class ModelService:
             self._trainer = _Trainer(model)
         trainer = self._trainer
         if trainer.revision != head.revision or trainer.sha256 != head.sha256:
-            state = load_weights(self.base_weights, head.sha256) if head.file is None else store.load(head)
+            state = (
+                load_weights(self.base_weights, head.sha256)
+                if head.file is None
+                else self._load_checked(head)
+            )
             load_into(trainer.model, state)
             trainer.revision, trainer.sha256 = head.revision, head.sha256
         return trainer

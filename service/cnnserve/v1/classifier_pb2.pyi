@@ -142,7 +142,7 @@ class GetLayerShapesResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., total_parameters: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., total_macs: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
 
 class FineTuneStepRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "labels", "lr", "momentum", "weight_decay", "train_layers", "request_id", "expected_revision")
+    __slots__ = ("model", "version", "inputs", "labels", "lr", "momentum", "weight_decay", "train_layers", "request_id", "expected_revision", "max_grad_norm")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class FineTuneStepRequest(_message.Message):
     TRAIN_LAYERS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
@@ -163,10 +164,11 @@ class FineTuneStepRequest(_message.Message):
     train_layers: TrainLayers
     request_id: str
     expected_revision: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., labels: _Optional[_Iterable[int]] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., train_layers: _Optional[_Union[TrainLayers, str]] = ..., request_id: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    max_grad_norm: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., labels: _Optional[_Iterable[int]] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., train_layers: _Optional[_Union[TrainLayers, str]] = ..., request_id: _Optional[str] = ..., expected_revision: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class FineTuneStepResponse(_message.Message):
-    __slots__ = ("model", "version", "revision", "parent", "step", "loss_before", "loss_after", "batch_accuracy", "grad_norm", "replayed", "request_id", "timing")
+    __slots__ = ("model", "version", "revision", "parent", "step", "loss_before", "loss_after", "batch_accuracy", "grad_norm", "replayed", "request_id", "timing", "grad_clipped")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,7 @@ class FineTuneStepResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIPPED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     revision: int
@@ -191,7 +194,8 @@ class FineTuneStepResponse(_message.Message):
     replayed: bool
     request_id: str
     timing: Timing
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., batch_accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    grad_clipped: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., batch_accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., grad_clipped: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
