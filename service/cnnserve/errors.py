@@ -10,13 +10,19 @@
     ├── FailedPreconditionError        FAILED_PRECONDITION 412  data missing, feature disabled, ...
     ├── UnauthenticatedError           UNAUTHENTICATED  401  missing or wrong bearer token
     ├── OverloadedError                RESOURCE_EXHAUSTED 429  load shed, batch over the limit
+    │   └── QueueFullError *           RESOURCE_EXHAUSTED 429  TorchServe's job queue for the model is full
     ├── DeadlineExceededError          DEADLINE_EXCEEDED 504 the caller's deadline passed
-    └── UnavailableError               UNAVAILABLE      503  backend down, worker died
+    ├── UnavailableError *             UNAVAILABLE      503  TorchServe not reachable (connection failure)
+    │   └── WorkerDiedError *          UNAVAILABLE      503  a TorchServe worker died with the request
+    └── InternalError                  INTERNAL         500  a component failed: the message says where
+
+``*``: :attr:`CnnserveError.retryable`, a repeat of the same request may succeed (TorchServe restarts a dead
+worker; a queue drains); the gateway retries a Classify once on these, and on nothing else.
 
 Anything that is not a ``CnnserveError`` is a bug: transports log its traceback and answer INTERNAL with a
-generic message. The mapping to gRPC status codes lives in one place, ``cnnserve.gateway.status``; the HTTP
-codes below are what the TorchServe handler answers with, and the gateway maps them back with
-:func:`kind_from_http_status`.
+generic message (the TorchServe handler adds an error id that finds the traceback in the model log). The
+mapping to gRPC status codes lives in one place, ``cnnserve.gateway.status``; the HTTP codes below are what
+the TorchServe handler answers with, and the gateway maps them back with :func:`kind_from_http_status`.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ __all__ = [
     "FailedPreconditionError",
     "UnauthenticatedError",
     "OverloadedError",
+    "QueueFullError",
     "DeadlineExceededError",
     "UnavailableError",
+    "WorkerDiedError",
     "InternalError",
     "error_from_kind",
     "kind_from_http_status",
@@ -77,6 +85,7 @@ class CnnserveError(Exception):
     """Base of every error cnnserve raises on purpose."""
 
     kind: ErrorKind = ErrorKind.INTERNAL
+    retryable: bool = False  # sending the same request again may succeed (see the tree above)
 
     def __init__(self, message: str, *, violations: tuple[FieldViolation, ...] = ()) -> None:
         super().__init__(message)
@@ -124,12 +133,25 @@ class OverloadedError(CnnserveError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
+class QueueFullError(OverloadedError):
+    """TorchServe refused the request: the model's job queue is full (``job_queue_size``)."""
+
+    retryable = True
+
+
 class DeadlineExceededError(CnnserveError):
     kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 class UnavailableError(CnnserveError):
+    """The backend cannot be reached (connection refused, dropped), or a worker died."""
+
     kind = ErrorKind.UNAVAILABLE
+    retryable = True
+
+
+class WorkerDiedError(UnavailableError):
+    """The TorchServe worker holding the request died (killed, crashed); TorchServe restarts it."""
 
 
 class InternalError(CnnserveError):

@@ -3,16 +3,20 @@
 A backend sends one request to one model's handler (``op`` + JSON ``meta`` + raw input payloads, the
 envelope of :mod:`cnnserve.serving.protocol`) and returns the handler's decoded JSON reply, which may be an
 ``{"error": ...}`` body: the core turns those into errors. Transport failures are raised here, already
-translated into :mod:`cnnserve.errors`.
+translated into :mod:`cnnserve.errors` by :func:`translate_error`, from what TorchServe 0.12 was observed to
+answer (the table is in docs/architecture.md, "Errors").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Sequence
+import re
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from google.protobuf import empty_pb2
@@ -24,14 +28,16 @@ from cnnserve.errors import (
     InvalidInputError,
     NotFoundError,
     OverloadedError,
+    QueueFullError,
     UnavailableError,
+    WorkerDiedError,
 )
 from cnnserve.gateway.types import ModelStatus
 from cnnserve.serving.protocol import envelope
 from cnnserve.torchserve import TorchServeKeys, read_key_file
 from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 
-__all__ = ["Backend", "TorchServeBackend"]
+__all__ = ["Backend", "ConnectionWatcher", "TorchServeBackend", "translate_error"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,15 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class ConnectionWatcher(Protocol):
+    """A backend that can tell at once when its connection drops (the gateway then re-checks health)."""
+
+    async def watch_connection(self, on_drop: Callable[[], None]) -> None:
+        """Run until cancelled, calling ``on_drop()`` each time a connection that was up goes down."""
+        ...
+
+
 class TorchServeBackend:
     """TorchServe's gRPC inference (predictions) and management (model status) APIs, with its tokens."""
 
@@ -69,6 +84,10 @@ class TorchServeBackend:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # gRPC's reconnect back-off grows to 120 s by default: a TorchServe restarted after a long outage
+            # would stay unused that long. Reconnecting to a loopback port costs nothing.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         self._inference_channel = grpc.aio.insecure_channel(inference_target, options=options)
         self._management_channel = grpc.aio.insecure_channel(management_target, options=options)
@@ -159,9 +178,27 @@ class TorchServeBackend:
             raise translate_error(error, "") from None
         return statuses
 
+    async def watch_connection(self, on_drop: Callable[[], None]) -> None:
+        await asyncio.gather(
+            _watch_channel(self._inference_channel, on_drop),
+            _watch_channel(self._management_channel, on_drop),
+        )
+
     async def close(self) -> None:
         await self._inference_channel.close()
         await self._management_channel.close()
+
+
+async def _watch_channel(channel: grpc.aio.Channel, on_drop: Callable[[], None]) -> None:
+    """Call ``on_drop`` whenever ``channel`` leaves READY (TorchServe died: it goes IDLE within ~20 ms)."""
+    state = channel.get_state()
+    while True:
+        await channel.wait_for_state_change(state)
+        new_state = channel.get_state()
+        if state == grpc.ChannelConnectivity.READY and new_state != grpc.ChannelConnectivity.READY:
+            log.warning("the connection to TorchServe dropped (%s)", new_state.name)
+            on_drop()
+        state = new_state
 
 
 def _model_status(name: str, described: list[dict[str, Any]]) -> ModelStatus:
@@ -181,24 +218,71 @@ def _model_status(name: str, described: list[dict[str, Any]]) -> ModelStatus:
     )
 
 
+# TorchServe's own error answers end with a line naming a Java exception ("org.pytorch.serve.http.
+# InternalServerException", "InternalServerException.()"); failures of the channel itself never do.
+_JAVA_EXCEPTION = re.compile(r"^(org\.pytorch\.serve\.\S+|\w*Exception(\.\(\))?)$")
+# 503s TorchServe's Python worker answers for a handler that raised or returned a wrong reply (ts/service.py).
+_HANDLER_FAILED = ("Prediction failed", "Invalid model predict output", "number of batch response mismatched")
+
+
+def _answered_by_torchserve(details: str) -> bool:
+    lines = details.strip().splitlines()
+    return len(lines) >= 2 and _JAVA_EXCEPTION.match(lines[-1].strip()) is not None
+
+
+def _internal(summary: str, model: str, code: grpc.StatusCode, details: str) -> InternalError:
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error id %s: %s (%s): %s %r", error_id, summary, model or "-", code.name, details)
+    return InternalError(f"{summary} (gateway error id {error_id}; the details are in the gateway log)")
+
+
 def translate_error(error: grpc.aio.AioRpcError, model: str) -> CnnserveError:
-    """TorchServe's gRPC failures -> cnnserve errors. Details go to the log, not to clients."""
+    """TorchServe's gRPC failures -> cnnserve errors. TorchServe's details go to the log, not to clients.
+
+    Only what is known to be transient is UNAVAILABLE or retryable: the channel failing (TorchServe down or
+    restarting), a worker dying with the request, a full job queue. Anything else is INTERNAL.
+    """
     code, details = error.code(), error.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    first = details.strip().splitlines()[0] if details.strip() else ""
+    lowered = details.lower()
+    of_model = f" for {model}" if model else ""
+    if code == grpc.StatusCode.UNAVAILABLE and not _answered_by_torchserve(details):
+        log.warning("TorchServe is not reachable: %s", details)
         return UnavailableError("TorchServe is not reachable")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError("the deadline passed before the model answered")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInputError(details.splitlines()[0] if details else "the model rejected the request")
-    if "not found" in details.lower() and ("model" in details.lower() or "version" in details.lower()):
+    if first.startswith("Worker died"):  # "Worker died.": RESOURCE_EXHAUSTED, sometimes INTERNAL
+        log.warning("a TorchServe worker%s died with a request: %s %s", of_model, code.name, first)
+        return WorkerDiedError(f"the {model or 'model'} worker died during the request; try again")
+    if "has no worker to serve inference request" in details:  # observed (INTERNAL) when the queue is full
+        log.warning("TorchServe refused a request%s: %s %s", of_model, code.name, first)
+        name = model or "the model"
+        return QueueFullError(f"TorchServe's job queue for {name} is full (or it has no worker); retry later")
+    if "ModelNotFoundException" in details or "ModelVersionNotFoundException" in details:
+        log.info("TorchServe does not serve %s: %s", model or "a model", first)
         return NotFoundError(f"model {model!r} (or that version) is not served")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "queue" in details.lower():
-        return OverloadedError("TorchServe's queue for this model is full")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        log.error("TorchServe refused the gateway's token: %s", details)
-        return UnavailableError("the gateway is not authorized by TorchServe (check the key file)")
-    if "worker" in details.lower() or code == grpc.StatusCode.INTERNAL:
-        log.warning("TorchServe failed a request for %s: %s %s", model, code, details)
-        return UnavailableError("the model worker failed; try again")
-    log.error("unexpected TorchServe failure for %s: %s %s", model, code, details)
-    return InternalError("internal error")
+        return _internal("TorchServe refused the gateway's token (check its key file)", model, code, details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInputError(first or "the model rejected the request")
+    if first.startswith(_HANDLER_FAILED):  # our handler answers its own failures; an older archive may not
+        return _internal(
+            f"the {model or 'model'} handler failed (its traceback is in TorchServe's model log)",
+            model,
+            code,
+            details,
+        )
+    if code == grpc.StatusCode.CANCELLED and "RST_STREAM" in details:
+        return _internal(
+            "TorchServe dropped the request (it does that to requests over its max_request_size)",
+            model,
+            code,
+            details,
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in lowered:  # grpc's own check
+        log.warning("a TorchServe request or reply%s is over the message size limit: %s", of_model, details)
+        return OverloadedError("the request or its reply is over the gateway's message size limit")
+    if "out of resources" in lowered:  # TorchServe's 507: the worker ran out of memory
+        log.error("TorchServe%s is out of resources: %s %s", of_model, code.name, details)
+        return OverloadedError(f"the {model or 'model'} worker ran out of memory")
+    return _internal(f"TorchServe failed the request{of_model}", model, code, details)

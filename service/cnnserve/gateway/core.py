@@ -8,12 +8,15 @@ convert.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
+import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from cnnserve.errors import (
     InvalidInputError,
     NotFoundError,
     UnavailableError,
+    WorkerDiedError,
     error_from_kind,
 )
 from cnnserve.gateway.backend import Backend
@@ -55,6 +59,11 @@ log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1000
 _UNKNOWN_MODEL_REFRESH_S = 1.0
+# A retried Classify waits this long (jittered, within the caller's deadline): TorchServe has then noticed the
+# dead worker and hands the job to a live one, or a queue has drained a little.
+_RETRY_BACKOFF_S = 0.05
+# Health re-checks asked for by failing calls or a dropped connection: at most this often.
+_MIN_TRIGGERED_REFRESH_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,7 @@ class Gateway:
         self._models: dict[str, ModelStatus] = {}
         self._backend_up = False
         self._refreshed_at = float("-inf")
+        self._refresh_wanted = asyncio.Event()
 
     # ---- lifecycle and health -------------------------------------------------------------------
 
@@ -218,6 +228,19 @@ class Gateway:
                 log.warning("TorchServe health check failed: %s", exc.message)
             self._backend_up = False
         return self.health()
+
+    def request_refresh(self) -> None:
+        """Ask for a health re-check now (the backend's connection dropped, a call could not reach it, or one
+        got through while the backend was thought down); :meth:`wait_for_refresh` returns at once."""
+        self._refresh_wanted.set()
+
+    async def wait_for_refresh(self, interval: float) -> None:
+        """Wait until the next health check is due: ``interval`` seconds, or sooner when one is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._refresh_wanted.wait(), interval)
+            # Requested: a burst of failing calls asks many times, one check answers them all.
+            await asyncio.sleep(max(0.0, self._refreshed_at + _MIN_TRIGGERED_REFRESH_S - time.monotonic()))
+        self._refresh_wanted.clear()
 
     def health(self) -> dict[str, bool]:
         """{model: serving}; a model serves when TorchServe has a READY worker for it."""
@@ -263,7 +286,14 @@ class Gateway:
     ) -> dict[str, Any]:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceededError("the deadline passed before the request reached the model")
-        body = await self.backend.call(model, version, op, meta, payloads, timeout)
+        try:
+            body = await self.backend.call(model, version, op, meta, payloads, timeout)
+        except UnavailableError as exc:
+            if not isinstance(exc, WorkerDiedError):  # the backend itself is unreachable: re-check health now
+                self.request_refresh()
+            raise
+        if not self._backend_up:  # it answered: health can say SERVING again without waiting for the poll
+            self.request_refresh()
         _raise_for_body(body)
         return body
 
@@ -278,10 +308,12 @@ class Gateway:
         top_k = call.top_k or 5
         if len(call.inputs) == 1:
             key = _BatchKey(call.model, call.version, call.revision)
-            single = _Single(call.inputs[0], top_k, call.min_revision, timeout)
-            result = await self._with_retry(lambda: self._batcher.submit(key, single))
+            item, min_revision = call.inputs[0], call.min_revision
+            result = await self._with_retry(
+                lambda left: self._batcher.submit(key, _Single(item, top_k, min_revision, left)), timeout
+            )
         else:
-            result = await self._with_retry(lambda: self._classify_direct(call, top_k, timeout))
+            result = await self._with_retry(lambda left: self._classify_direct(call, top_k, left), timeout)
         timing = Timing(
             server_ms=(time.perf_counter() - started) * 1000,
             backend_ms=result.timing.backend_ms,
@@ -289,13 +321,28 @@ class Gateway:
         )
         return ClassifyResult(result.model, result.version, result.revision, result.predictions, timing)
 
-    async def _with_retry(self, attempt: Callable[[], Any]) -> ClassifyResult:
-        """Classify is safe to repeat: one retry when the backend was unavailable."""
+    async def _with_retry(
+        self, attempt: Callable[[float | None], Awaitable[ClassifyResult]], timeout: float | None
+    ) -> ClassifyResult:
+        """Classify is safe to repeat: one retry, after a short back-off, on a retryable failure (TorchServe
+        unreachable, a worker that died with the request, a full queue) when the deadline leaves time for it.
+        ``attempt`` takes the time left (None: no deadline)."""
+        started = time.monotonic()
         try:
-            return await attempt()  # type: ignore[no-any-return]
-        except UnavailableError as exc:
-            log.info("retrying a classify call once: %s", exc.message)
-            return await attempt()  # type: ignore[no-any-return]
+            return await attempt(timeout)
+        except CnnserveError as exc:
+            if not exc.retryable:
+                raise
+            delay = _RETRY_BACKOFF_S * random.uniform(0.5, 1.5)
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None:
+                delay = min(delay, left / 4)
+                left -= delay
+                if left <= 0:
+                    raise
+            log.info("retrying a classify call once in %.0f ms: %s", delay * 1000, exc.message)
+            await asyncio.sleep(delay)
+            return await attempt(left)
 
     async def _classify_direct(self, call: ClassifyCall, top_k: int, timeout: float | None) -> ClassifyResult:
         descriptors, payloads = _describe(call.inputs)

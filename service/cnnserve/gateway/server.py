@@ -4,6 +4,10 @@
 returns a :class:`RunningGateway`; :func:`serve` runs one until SIGTERM/SIGINT with a graceful shutdown:
 health turns NOT_SERVING first, new calls are refused, calls in flight get ``grace_period`` seconds.
 :class:`GatewayThread` runs one on an event loop thread of its own, beside blocking code (tests, benchmarks).
+
+Health is re-checked every ``health_interval`` seconds, and at once when the connection to TorchServe drops
+or a call cannot reach it (``Gateway.request_refresh``). A request body that is not a valid protobuf message
+is INVALID_ARGUMENT for every method (:class:`DecodeErrorInterceptor`), not grpc's default UNKNOWN.
 """
 
 from __future__ import annotations
@@ -11,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cnnserve.gateway.backend import Backend, TorchServeBackend
+from cnnserve.gateway.backend import Backend, ConnectionWatcher, TorchServeBackend
 from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics
@@ -31,7 +38,15 @@ from cnnserve.gateway.servicer import ClassifierServicer
 from cnnserve.gateway.settings import GatewaySettings, parse_address
 from cnnserve.v1 import classifier_pb2, classifier_pb2_grpc
 
-__all__ = ["RunningGateway", "GatewayThread", "create_server", "serve", "SERVICE_NAME", "model_health_name"]
+__all__ = [
+    "RunningGateway",
+    "GatewayThread",
+    "DecodeErrorInterceptor",
+    "create_server",
+    "serve",
+    "SERVICE_NAME",
+    "model_health_name",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +107,128 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class _Undecodable:
+    """What a guarded request deserializer returns for bytes that are not a valid message."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _request_type(method: str) -> str:
+    """``/cnnserve.v1.Classifier/Classify`` -> ``cnnserve.v1.ClassifyRequest`` (unknown: ``method``)."""
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        found = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
+    except KeyError:
+        return method
+    return str(found.input_type.full_name)
+
+
+def _guard_decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that marks undecodable bytes instead of raising, and a behaviour of
+    the same kind (async or not, streaming or not) that answers a marked request INVALID_ARGUMENT."""
+    decode = handler.request_deserializer
+    if decode is None:  # raw bytes: nothing to decode
+        return handler
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    streaming_requests = handler.request_streaming
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    message = f"the request body is not a valid {_request_type(method)} message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async for request in requests:
+            if request is _UNDECODABLE:
+                await context.abort(code, message)
+            yield request
+
+    def checked_sync(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            if request is _UNDECODABLE:
+                context.abort(code, message)
+            yield request
+
+    async def answer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if streaming_requests:
+            request = checked(request, context)
+        elif request is _UNDECODABLE:
+            await context.abort(code, message)
+        return await behaviour(request, context)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if streaming_requests:
+            request = checked(request, context)
+        elif request is _UNDECODABLE:
+            await context.abort(code, message)
+        async for response in behaviour(request, context):
+            yield response
+
+    def answer_sync(request: Any, context: grpc.ServicerContext) -> Any:
+        if streaming_requests:
+            request = checked_sync(request, context)
+        elif request is _UNDECODABLE:
+            context.abort(code, message)
+        return behaviour(request, context)
+
+    def stream_sync(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if streaming_requests:
+            request = checked_sync(request, context)
+        elif request is _UNDECODABLE:
+            context.abort(code, message)
+        yield from behaviour(request, context)
+
+    if inspect.iscoroutinefunction(behaviour):
+        wrapped: Callable[..., Any] = answer
+    elif inspect.isasyncgenfunction(behaviour):
+        wrapped = stream
+    elif inspect.isgeneratorfunction(behaviour):
+        wrapped = stream_sync
+    else:
+        wrapped = answer_sync
+    kwargs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrapped, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrapped, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrapped, **kwargs)
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes -> INVALID_ARGUMENT "the request body is not a valid <Message> message".
+
+    grpc.aio decodes the request before it calls the servicer, and a deserializer that raises makes the call
+    UNKNOWN. Each method's guarded handler is built once and kept: a call only looks it up. (Streaming
+    methods are guarded through their request iterator; one that reads with ``context.read()`` is not.)
+    """
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        cached = self._guarded.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _guard_decoding(handler, details.method)
+        self._guarded[details.method] = (handler, guarded)
+        return guarded
+
+
 @dataclass
 class RunningGateway:
     server: grpc.aio.Server
@@ -124,7 +261,7 @@ class RunningGateway:
 
     async def _watch_health(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.health_interval)
+            await self.gateway.wait_for_refresh(self.settings.health_interval)
             try:
                 await self.update_health()
             except Exception:
@@ -172,6 +309,7 @@ async def create_server(
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.token:
         interceptors.append(AuthInterceptor(settings.token))
+    interceptors.append(DecodeErrorInterceptor())  # innermost: it sees (and caches) the registered handlers
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -207,7 +345,10 @@ async def create_server(
         running._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
         running.metrics_port = running._metrics_server.server_port
     await server.start()
-    running._tasks.append(asyncio.get_running_loop().create_task(running._watch_health()))
+    loop = asyncio.get_running_loop()
+    running._tasks.append(loop.create_task(running._watch_health()))
+    if isinstance(backend, ConnectionWatcher):
+        running._tasks.append(loop.create_task(backend.watch_connection(core.request_refresh)))
     log.info("gateway listening on %s:%d (TorchServe %s)", host, bound, settings.torchserve)
     return running
 

@@ -41,14 +41,16 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> Response:
         started = time.perf_counter()
         code = "OK"
+        admitted = False
         try:
             with self.limit.admit():
+                admitted = True
                 return await work(context.time_remaining())
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as error:  # every failure becomes a status, here and only here
-            if isinstance(error, OverloadedError):
+            if not admitted and isinstance(error, OverloadedError):  # shed here, not TorchServe's full queue
                 self.metrics.shed.labels(method).inc()
             status = to_status(error, method)
             code = status.code.name
