@@ -5,6 +5,10 @@
 (``/ping`` answers long before that), and stops it with SIGTERM. Each instance gets its own temporary
 directory, so several can run side by side (TorchServe otherwise keeps one global pid file in /tmp).
 
+``torchserve --foreground`` is a Python wrapper that waits for its Java frontend and then returns normally,
+whatever happened to Java. We run that wrapper through :func:`main` (``python -m cnnserve.torchserve``),
+which exits the way Java did, so that a supervisor can say "killed by signal 9 (SIGKILL)".
+
 Security defaults: every listener on 127.0.0.1, token authorization on (keys in
 ``<state_dir>/key_file.json``), the model-management API (register/unregister) off, model archives loadable
 only from the local model store.
@@ -12,11 +16,15 @@ only from the local model store.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnserve.errors import FailedPreconditionError, UnavailableError
-from cnnserve.processes import free_ports, stop_child, tail
+from cnnserve.processes import describe_exit, file_size, free_ports, stop_child, tail
 
 __all__ = [
     "TorchServeSettings",
@@ -216,10 +224,16 @@ class TorchServe:
     def __init__(self, settings: TorchServeSettings) -> None:
         self.settings = settings
         self.process: subprocess.Popen[bytes] | None = None
+        self.output_start = 0  # where this start's lines begin in torchserve.out
 
     @property
     def state_dir(self) -> Path:
         return self.settings.state_dir
+
+    @property
+    def logs_dir(self) -> Path:
+        """``torchserve.out`` (the process's own output), ``ts_log.log`` (frontend), ``model_log.log``."""
+        return self.state_dir / "logs"
 
     def keys(self) -> TorchServeKeys:
         return read_keys(self.state_dir) if self.settings.token_auth else TorchServeKeys(None, None)
@@ -241,6 +255,10 @@ class TorchServe:
             "CNNSERVE_REVISIONS_DIR": str(self.settings.revisions_dir.resolve()),
         }
         command = self.command(config, log_config)
+        if importlib.util.find_spec("ts") is not None:
+            # TorchServe's wrapper, run by :func:`main` so that its exit status is Java's.
+            command = [sys.executable, "-m", "cnnserve.torchserve", *command[1:]]
+        self.output_start = file_size(state / "logs" / "torchserve.out")
         with open(state / "logs" / "torchserve.out", "ab") as output:
             self.process = subprocess.Popen(
                 command, cwd=state, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
@@ -282,13 +300,20 @@ class TorchServe:
         )
         return [worker["status"] for entry in described for worker in entry.get("workers", [])]
 
-    def wait_ready(self, models: tuple[str, ...], timeout: float = 180.0) -> None:
-        """Block until each model has a READY worker; UnavailableError if TorchServe dies or time runs out."""
+    def wait_ready(
+        self, models: tuple[str, ...], timeout: float = 180.0, stop: threading.Event | None = None
+    ) -> bool:
+        """Block until each model has a READY worker (True), or ``stop`` is set (False); UnavailableError if
+        TorchServe dies or time runs out."""
         deadline = time.monotonic() + timeout
+        stop = stop or threading.Event()
         pending = list(models)
         while pending:
             if self.process is not None and self.process.poll() is not None:
-                raise UnavailableError(f"TorchServe exited with {self.process.returncode}: {self.log_tail()}")
+                raise UnavailableError(
+                    f"TorchServe {describe_exit(self.process.returncode)} while starting; "
+                    f"logs in {self.logs_dir}{self._last_lines()}"
+                )
             try:
                 if "READY" in self.model_status(pending[0]):
                     pending.pop(0)
@@ -296,14 +321,66 @@ class TorchServe:
             except (urllib.error.URLError, OSError, json.JSONDecodeError, KeyError):
                 pass  # not listening yet, or the key file is not written yet
             if time.monotonic() > deadline:
-                raise UnavailableError(f"TorchServe: no READY worker for {pending[0]} in {timeout:.0f} s")
-            time.sleep(0.25)
+                raise UnavailableError(
+                    f"TorchServe: no READY worker for {pending[0]} in {timeout:.0f} s; "
+                    f"logs in {self.logs_dir}"
+                )
+            if stop.wait(0.25):
+                return False
+        return True
+
+    def last_lines(self, lines: int = 5) -> str:
+        """The last lines this start of TorchServe wrote to ``torchserve.out`` (where Java reports)."""
+        return tail(self.logs_dir / "torchserve.out", lines, since=self.output_start)
+
+    def _last_lines(self) -> str:
+        last = self.last_lines()
+        return f"; the last lines of torchserve.out:\n{last}" if last else ""
 
     def log_tail(self, lines: int = 20) -> str:
-        names = ("torchserve.out", "model_log.log", "ts_log.log")
-        return "\n".join(tail(self.state_dir / "logs" / name, lines) for name in names)[-3000:]
+        """The last whole lines of each of TorchServe's logs, each under its file name."""
+        parts = []
+        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
+            text = tail(self.logs_dir / name, lines)
+            if text:
+                parts.append(f"==> {self.logs_dir / name} <==\n{text}")
+        return "\n".join(parts)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None:
             stop_child(self.process, self.state_dir / PID_FILE, timeout)
             self.process = None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m cnnserve.torchserve ARGS``: TorchServe's ``torchserve ARGS``, exiting as Java did.
+
+    TorchServe 0.12's wrapper (``ts.model_server.start``) starts the Java frontend with ``subprocess.Popen``
+    and, with ``--foreground``, waits for it and returns normally: its exit status says nothing. We note the
+    Popen it makes, and after it returns exit with Java's code, or die of Java's signal.
+    """
+    from ts import model_server
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    class _Noted(subprocess.Popen[bytes]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    subprocess.Popen = _Noted  # type: ignore[misc,assignment]  # this process runs nothing else
+    sys.argv = ["torchserve", *(sys.argv[1:] if argv is None else argv)]
+    model_server.start()
+    if not started:
+        sys.exit(1)  # the wrapper did not start Java (it printed why)
+    code = started[-1].wait()
+    if code < 0:
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set, nor needs to be
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        sys.exit(128 - code)  # a signal this process survived (ignored): the shell's convention
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

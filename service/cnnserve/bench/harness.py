@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec
 from cnnserve.bench.report import TargetResult, evaluate_targets, write_plots, write_readme, write_results
@@ -32,6 +32,9 @@ from cnnserve.bench.results import Row
 from cnnserve.bench.scenarios import Images
 from cnnserve.bench.settings import BenchSettings
 from cnnserve.errors import FailedPreconditionError
+
+if TYPE_CHECKING:
+    from cnnserve.stack import GatewayClient
 
 __all__ = ["Report", "run", "describe_machine"]
 
@@ -117,6 +120,14 @@ class _Servers:
         return str(self.stack.gateway_target if self.stack else self.inprocess.target)
 
     @property
+    def gateway_client(self) -> GatewayClient:
+        """How clients reach the gateway (the in-process one: plaintext, no token)."""
+        if self.stack:
+            client: GatewayClient = self.stack.gateway_client
+            return client
+        return {"target": self.gateway_target, "token": None, "tls_ca": None}
+
+    @property
     def metrics_url(self) -> str:
         return str(self.stack.metrics_url if self.stack else self.inprocess.metrics_url)
 
@@ -151,7 +162,10 @@ def _load_points(
     backend = "torchserve" if stack else "inprocess"
     models = [m for m in BATCHED if m in exports]
 
+    gateway_client = servers.gateway_client
+
     def spec(kind: str, target: str, model: str, concurrency: int, per_call: int = 1) -> LoadSpec:
+        to_gateway = kind == "gateway"
         return LoadSpec(
             kind=kind,
             target=target,
@@ -162,7 +176,8 @@ def _load_points(
             warmup_s=budget.warmup_s,
             reps=budget.reps,
             images_per_call=per_call,
-            token=key,
+            token=(gateway_client["token"] or "") if to_gateway else key,
+            tls_ca=(gateway_client["tls_ca"] or "") if to_gateway else "",
         )
 
     for model in models:
@@ -257,7 +272,7 @@ def run(
                 if settings.wants("finetune-gateway") and "lenet" in exports:
                     log("finetune-gateway: LeNet, 64 images")
                     row = scenarios.finetune_gateway(
-                        servers.gateway_target, images, settings.budget, settings.finetune_steps
+                        servers.gateway_client, images, settings.budget, settings.finetune_steps
                     )
                     row.backend = "torchserve" if servers.stack else "inprocess"
                     rows.append(row)

@@ -63,7 +63,8 @@ class LoadSpec:
     reps: int
     images_per_call: int = 1
     tensor_shape: tuple[int, ...] = ()  # gateway: ``images`` are float32 (C, H, W) tensors of this shape
-    token: str = ""  # TorchServe's inference key (torchserve-* kinds)
+    token: str = ""  # TorchServe's inference key (torchserve-* kinds), the gateway's token (gateway)
+    tls_ca: str = ""  # gRPC kinds: PEM CA bundle to trust; set: TLS
     channels: int = 4  # gRPC connections the callers share (HTTP: one connection per caller)
     timeout_s: float = 120.0
 
@@ -133,7 +134,16 @@ class _GrpcPool:
         ]
         count = max(1, min(spec.channels, spec.concurrency))
         self._timeout = spec.timeout_s
-        self._channel_list = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(count)]
+        if spec.tls_ca:
+            credentials = grpc.ssl_channel_credentials(Path(spec.tls_ca).read_bytes())
+            self._channel_list = [
+                grpc.aio.secure_channel(spec.target, credentials, options=options) for _ in range(count)
+            ]
+        else:
+            self._channel_list = [
+                grpc.aio.insecure_channel(spec.target, options=options) for _ in range(count)
+            ]
+        self._metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else ()
 
     async def close(self) -> None:
         for channel in self._channel_list:
@@ -174,7 +184,9 @@ class _GatewayClient(_GrpcPool):
 
     async def call(self, caller: int, index: int) -> Timing:
         stub = self._stubs[caller % len(self._stubs)]
-        reply = await stub.Classify(self._requests[index % len(self._requests)], timeout=self._timeout)
+        reply = await stub.Classify(
+            self._requests[index % len(self._requests)], timeout=self._timeout, metadata=self._metadata
+        )
         if not reply.predictions:
             raise RuntimeError("a Classify reply without predictions")
         timing = reply.timing
@@ -202,7 +214,6 @@ class _TorchServeGrpcClient(_GrpcPool):
         from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc
 
         super().__init__(spec)
-        self._metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else ()
         self._stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(c) for c in self._channel_list]
         self._requests = [
             inference_pb2.PredictionsRequest(model_name=spec.model, input={"body": image})

@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec, pooled_latencies
 from cnnserve.bench.results import Row, load_row, percentile, timed_row
 from cnnserve.bench.settings import Budget
 from cnnserve.bench.stack import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 from cnnserve.processes import free_ports
+
+if TYPE_CHECKING:
+    from cnnserve.stack import GatewayClient
 
 __all__ = [
     "Images",
@@ -244,12 +247,12 @@ def finetune_inprocess(export_dir: Path, images: Images, budget: Budget, steps: 
     return rows
 
 
-def finetune_gateway(target: str, images: Images, budget: Budget, steps: int) -> Row:
+def finetune_gateway(gateway: GatewayClient, images: Images, budget: Budget, steps: int) -> Row:
     """``ClassifierClient.finetune_step`` on LeNet with 64 PNGs, one step after another."""
     from cnnserve.client import ClassifierClient
 
     timings: list[tuple[float, float]] = []
-    with ClassifierClient(target, timeout=120) as client:
+    with ClassifierClient(**gateway, timeout=120) as client:
 
         def call() -> None:
             result = client.finetune_step("lenet", list(images.png), list(images.labels), lr=FINETUNE_LR)

@@ -13,6 +13,7 @@ Layout under the work directory (default ``var/bench``; reused between runs):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import shutil
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cnnserve.gateway.server import GatewayThread
+    from cnnserve.gateway.settings import GatewaySettings
+    from cnnserve.stack import GatewayClient
 
 __all__ = [
     "MODELS",
@@ -197,6 +200,7 @@ class ServerStack:
 
     def __init__(self, artifacts: Artifacts, state_dir: Path, gateway_args: Sequence[str] = ()) -> None:
         from cnnserve.processes import free_ports
+        from cnnserve.stack import gateway_client
         from cnnserve.torchserve import TorchServe, TorchServeSettings
 
         assert artifacts.bench_store is not None
@@ -209,10 +213,24 @@ class ServerStack:
                 artifacts.bench_store, state_dir / "torchserve", state_dir / "revisions", ports[:5]
             )
         )
-        self.gateway_target = f"127.0.0.1:{ports[5]}"
         self.metrics_url = f"http://127.0.0.1:{ports[6]}/metrics"
         self.gateway_args = list(gateway_args)
+        arguments = [
+            "--listen", f"127.0.0.1:{ports[5]}",
+            "--metrics-listen", f"127.0.0.1:{ports[6]}",
+            *(f"--{name.replace('_', '-')}={value}" for name, value in self._wiring().items()),
+            *self.gateway_args,
+        ]  # fmt: skip
+        self.gateway_settings = _gateway_settings(arguments)
+        # The load generator and the fine-tune client follow the gateway's TLS and token (--gateway-arg).
+        self.gateway_client: GatewayClient = gateway_client(self.gateway_settings)
+        self.gateway_target = self.gateway_client["target"]
         self.gateway: Any = None
+
+    def _wiring(self) -> dict[str, str]:
+        from cnnserve.stack import torchserve_wiring
+
+        return torchserve_wiring(self.torchserve.settings)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -232,20 +250,13 @@ class ServerStack:
         return self.torchserve.keys().inference or ""
 
     def start(self, log: Log, timeout: float = 300.0) -> None:
-        from cnnserve.stack import GatewayProcess, torchserve_wiring
+        from cnnserve.stack import GatewayProcess
 
         started = time.monotonic()
         log(f"starting TorchServe with {', '.join(self.models)} ...")
         self.torchserve.start()
         self.torchserve.wait_ready(self.models, timeout=timeout)
-        wiring = torchserve_wiring(self.torchserve.settings)
-        arguments = [
-            "--listen", self.gateway_target,
-            "--metrics-listen", self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
-            *(part for name, value in wiring.items() for part in ("--" + name.replace("_", "-"), value)),
-            *self.gateway_args,
-        ]  # fmt: skip
-        self.gateway = GatewayProcess(self.state_dir, arguments, self.gateway_target)
+        self.gateway = GatewayProcess(self.state_dir, self.gateway_settings)
         self.gateway.start()
         self.gateway.wait_serving(timeout=60)
         log(f"TorchServe and the gateway are ready ({time.monotonic() - started:.0f} s)")
@@ -270,6 +281,25 @@ class ServerStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _gateway_settings(arguments: Sequence[str]) -> GatewaySettings:
+    """``cnnserve gateway ARGUMENTS`` as settings (defaults from the environment, as the gateway reads
+    them)."""
+    from cnnserve.errors import InvalidInputError
+    from cnnserve.gateway.settings import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser(prog="cnnserve gateway", exit_on_error=False)
+    add_arguments(parser)
+    try:
+        parsed, unknown = parser.parse_known_args(list(arguments))
+    except argparse.ArgumentError as error:
+        raise InvalidInputError.for_field("gateway_arg", str(error)) from None
+    if unknown:
+        raise InvalidInputError.for_field(
+            "gateway_arg", f"not a `cnnserve gateway` flag: {' '.join(unknown)}"
+        )
+    return settings_from_args(parsed)
 
 
 def inprocess_gateway(exports: dict[str, Path], revisions_dir: Path) -> GatewayThread:

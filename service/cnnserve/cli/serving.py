@@ -163,49 +163,98 @@ def _add_serve(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="start TorchServe and the gRPC gateway (building the default models when the store is empty)",
-        description="Foreground by default: Ctrl-C or SIGTERM stops everything cleanly. With --detach, "
-        "returns once every model has a READY worker and the gateway's health is SERVING (stop it with "
-        "`cnnserve stop`). "
+        description="Starts TorchServe, waits until every model has a READY worker, starts the gateway, "
+        "waits until its health is SERVING, then supervises both: a process that dies is reported (exit code "
+        "or signal, where its logs are) and started again, up to --max-restarts times in a row with a "
+        "back-off of 1, 2, 4 ... 30 s, while the other keeps running; when the restarts are spent "
+        "everything stops and serve exits 1. Foreground by default: Ctrl-C or SIGTERM stops everything "
+        "cleanly. --detach runs the same supervisor in the background (its output in STATE_DIR/serve.log) "
+        "and returns once it is ready; `cnnserve stop` stops it. "
         "The gateway is wired to the TorchServe this starts (its --torchserve* flags are ignored here).",
     )
     add_torchserve_arguments(parser)
     add_arguments(parser)
+    parser.add_argument(
+        "--tls-ca",
+        default=_env("CNNSERVE_GATEWAY_TLS_CA", ""),
+        help="CA bundle serve's own checks of the gateway trust (env CNNSERVE_GATEWAY_TLS_CA; default: "
+        "--tls-cert itself, right for a self-signed certificate)",
+    )
     parser.add_argument("--detach", action="store_true", help="return once ready; stop with `cnnserve stop`")
     parser.add_argument("--no-gateway", dest="gateway", action="store_false", help="TorchServe only")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=int(_env("CNNSERVE_SERVE_MAX_RESTARTS", "5")),
+        help="restarts in a row of a process that died, before serve gives up and stops everything "
+        "(env CNNSERVE_SERVE_MAX_RESTARTS; default 5; the count starts again after 10 minutes up)",
+    )
+    parser.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        default=_env("CNNSERVE_SERVE_RESTART", "true").lower() != "false",
+        help="stop everything when a process dies (env CNNSERVE_SERVE_RESTART=false; "
+        "the same as --max-restarts 0)",
+    )
+    parser.add_argument(
         "--no-build", dest="build", action="store_false", help="fail instead of building models"
     )
     parser.add_argument("--json", action="store_true")
+    # The detached supervisor's side of --detach: the pipe it reports readiness on.
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run_serve)
 
 
-def _gateway_arguments(args: argparse.Namespace, settings: Any) -> list[str]:
-    """``cnnserve gateway`` flags: the user's gateway settings, wired to the TorchServe we start."""
-    from dataclasses import fields
+def _gateway_settings(args: argparse.Namespace, settings: Any) -> Any:
+    """The user's gateway settings, wired to the TorchServe we start."""
+    from dataclasses import replace
 
-    from cnnserve.gateway.settings import GatewaySettings, settings_from_args
+    from cnnserve.errors import InvalidInputError
+    from cnnserve.gateway.settings import parse_address, settings_from_args
     from cnnserve.stack import torchserve_wiring
 
-    gateway = settings_from_args(args)
-    wired = torchserve_wiring(settings)
-    flags = []
-    for field in fields(GatewaySettings):
-        value = wired.get(field.name, getattr(gateway, field.name))
-        flags += ["--" + field.name.replace("_", "-"), str(value)]
-    return flags
+    wiring: dict[str, Any] = torchserve_wiring(settings)
+    gateway = replace(settings_from_args(args), **wiring)
+    if parse_address(gateway.listen)[1] == 0:
+        raise InvalidInputError.for_field("listen", "serve needs a fixed gateway port (--listen HOST:PORT)")
+    return gateway
+
+
+def _serving_now(state: Path, settings: Any) -> list[str]:
+    """What of a stack in ``state`` still runs: "supervisor", "gateway", "torchserve"."""
+    from cnnserve.processes import alive, read_pid
+    from cnnserve.stack import GATEWAY_PID_FILE, SERVE_PID_FILE
+    from cnnserve.torchserve import PID_FILE
+
+    pid_files = {
+        "supervisor": state / SERVE_PID_FILE,
+        "gateway": state / GATEWAY_PID_FILE,
+        "torchserve": settings.state_dir / PID_FILE,
+    }
+    return [name for name, pid_file in pid_files.items() if alive(read_pid(pid_file))]
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from cnnserve.gateway.settings import parse_address
+    from cnnserve.errors import InvalidInputError
     from cnnserve.stack import GatewayProcess
-    from cnnserve.torchserve import PID_FILE, TorchServe
 
     settings = torchserve_settings(args)
-    if _alive(settings.state_dir / PID_FILE):
+    state = Path(args.state_dir)
+    running = _serving_now(state, settings)
+    if running:
         raise FailedPreconditionError(
-            f"already serving from {settings.state_dir} (run `cnnserve stop` first)"
+            f"already serving from {state} ({', '.join(running)} running: run `cnnserve stop` first)"
         )
+    if args.max_restarts < 0:
+        raise InvalidInputError.for_field("max_restarts", "must be 0 or more")
+    # Settings and the gateway's certificate are checked before anything starts.
+    gateway = (
+        GatewayProcess(state, _gateway_settings(args, settings), args.tls_ca or None)
+        if args.gateway
+        else None
+    )
     store = settings.model_store
     if not list(store.glob("*.mar")):
         if not args.build:
@@ -213,91 +262,220 @@ def _run_serve(args: argparse.Namespace) -> int:
         from cnnserve_export.bootstrap import build_default_store
 
         print(f"{store} is empty: building the default models (a few minutes, once)", file=sys.stderr)
-        build_default_store(store, Path(args.state_dir) / "build")
-    models = tuple(sorted(p.stem for p in store.glob("*.mar")))
-    started = time.monotonic()
-    torchserve = TorchServe(settings)
-    gateway = None
-    torchserve.start()
+        build_default_store(store, state / "build")
+    if args.detach:
+        return _detach(args, state)
+    return _supervise(args, settings, gateway)
+
+
+def _supervise(args: argparse.Namespace, settings: Any, gateway: Any) -> int:
+    """Start the stack, report it ready, and keep it running until a signal or the restarts run out."""
+    import json
+    import threading
+
+    from cnnserve.stack import SERVE_PID_FILE, RestartPolicy, Supervisor, TorchServeChild
+    from cnnserve.torchserve import TorchServe
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, request_stop)
+    models = tuple(sorted(p.stem for p in settings.model_store.glob("*.mar")))
+    children: list[Any] = [TorchServeChild(TorchServe(settings), models)]
+    if gateway is not None:
+        children.append(gateway)
+    policy = RestartPolicy(max_restarts=args.max_restarts if args.restart else 0)
+    supervisor = Supervisor(children, policy, args.ready_timeout, stop)
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    pid_file = state / SERVE_PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
-        torchserve.wait_ready(models, timeout=args.ready_timeout)
-        if args.gateway:
-            host, port = parse_address(args.gateway_listen)
-            gateway = GatewayProcess(
-                Path(args.state_dir), _gateway_arguments(args, settings), f"{host}:{port}"
-            )
-            gateway.start()
-            gateway.wait_serving(timeout=args.ready_timeout)
-    except BaseException:
-        if gateway is not None:
-            gateway.stop()
-        torchserve.stop()
-        raise
-    keys = torchserve.keys()
-    info = {
+        started = time.monotonic()
+        if not supervisor.start():
+            print("cnnserve serve: stopped before it was ready", file=sys.stderr)
+            return EXIT_OK
+        info = _serve_info(args, settings, gateway, models, time.monotonic() - started, policy.max_restarts)
+        if args.ready_fd is not None:  # detached: tell `serve --detach`, which prints it
+            print(_serve_text(info, detached=True))
+            os.write(args.ready_fd, json.dumps(info).encode() + b"\n")
+            os.close(args.ready_fd)
+        else:
+            emit(args, info, _serve_text(info, detached=False))
+        sys.stdout.flush()
+        supervisor.run()
+        print("cnnserve serve: stopped", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        from cnnserve.processes import read_pid
+
+        if read_pid(pid_file) == os.getpid():
+            pid_file.unlink(missing_ok=True)
+
+
+def _serve_info(
+    args: argparse.Namespace,
+    settings: Any,
+    gateway: Any,
+    models: tuple[str, ...],
+    seconds: float,
+    restarts: int,
+) -> dict[str, Any]:
+    from cnnserve.stack import SERVE_LOG
+
+    state = Path(args.state_dir)
+    return {
         "models": list(models),
-        "ready_seconds": round(time.monotonic() - started, 2),
+        "ready_seconds": round(seconds, 2),
         "grpc_gateway": gateway.target if gateway else None,
+        "gateway_tls_ca": gateway.client["tls_ca"] if gateway else None,
+        "gateway_token_required": bool(gateway and gateway.settings.token),
         "http_inference": settings.url(settings.inference_port),
         "torchserve_grpc": settings.grpc_inference_target,
         "token_auth": settings.token_auth,
         "key_file": str(settings.key_file) if settings.token_auth else None,
-        "logs": str(Path(args.state_dir)),
+        "logs": str(state),
+        "supervisor_pid": os.getpid(),
+        "supervisor_log": str(state / SERVE_LOG) if args.ready_fd is not None else None,
+        "max_restarts": restarts,
     }
+
+
+def _serve_text(info: dict[str, Any], detached: bool) -> str:
     curl = f"curl -T digit.png {info['http_inference']}/predictions/lenet"
-    if keys.inference:
+    if info["token_auth"]:
         curl += f' -H "Authorization: Bearer $(jq -r .inference.key {info["key_file"]})"'
-    lines = [f"serving {', '.join(models)} (ready in {info['ready_seconds']} s)"]
-    if gateway:
-        lines.append(f"  gRPC:  cnnserve classify digit.png --model lenet --target {gateway.target}")
-        lines.append(
-            f"         buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{gateway.target}"
-        )
+    lines = [f"serving {', '.join(info['models'])} (ready in {info['ready_seconds']} s)"]
+    target = info["grpc_gateway"]
+    if target:
+        client = f"--target {target}"
+        buf = "buf curl --protocol grpc"
+        if info["gateway_tls_ca"]:
+            client += f" --tls-ca {info['gateway_tls_ca']}"
+            buf += f" --cacert {info['gateway_tls_ca']}"
+            url = f"https://{target}"
+        else:
+            buf += " --http2-prior-knowledge"
+            url = f"http://{target}"
+        if info["gateway_token_required"]:
+            client += ' --token "$CNNSERVE_GATEWAY_TOKEN"'
+            buf += ' -H "authorization: Bearer $CNNSERVE_GATEWAY_TOKEN"'
+        lines.append(f"  gRPC:  cnnserve classify digit.png --model lenet {client}")
+        lines.append(f"         {buf} --list-methods {url}")
     lines.append(f"  HTTP:  {curl}")
-    lines.append("  stop:  Ctrl-C" + ("" if not args.detach else " / cnnserve stop"))
-    emit(args, info, "\n".join(lines))
-    sys.stdout.flush()
-    if args.detach:
-        torchserve.process = None  # keep both running after we exit
-        return EXIT_OK
-    return _wait_in_foreground(torchserve, gateway)
+    restarts = info["max_restarts"]
+    watch = f"restarted up to {restarts} times in a row" if restarts else "not restarted (--no-restart)"
+    lines.append(f"  crashes: {watch}; pid {info['supervisor_pid']}")
+    if info["supervisor_log"]:
+        lines.append(f"  log:   {info['supervisor_log']}")
+    lines.append("  stop:  " + ("cnnserve stop" if detached else "Ctrl-C / cnnserve stop"))
+    return "\n".join(lines)
 
 
-def _wait_in_foreground(torchserve: Any, gateway: Any) -> int:
-    stopping = False
+def _supervisor_flags(args: argparse.Namespace) -> list[str]:
+    """``cnnserve serve`` flags for the detached supervisor: what this command was given (the gateway token
+    goes in the environment, where ``ps`` does not show it)."""
+    from dataclasses import fields
 
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    from cnnserve.gateway.settings import GatewaySettings
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    processes = [p for p in (torchserve, gateway) if p is not None]
+    flags = ["--model-store", args.model_store, "--state-dir", args.state_dir, "--ts-host", args.ts_host]
+    if args.revisions_dir:
+        flags += ["--revisions-dir", args.revisions_dir]
+    for name in (
+        "inference_port",
+        "management_port",
+        "metrics_port",
+        "grpc_inference_port",
+        "grpc_management_port",
+    ):
+        flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if not args.token_auth:
+        flags.append("--no-token-auth")
+    for field in fields(GatewaySettings):
+        if field.name != "token":
+            flags += ["--" + field.name.replace("_", "-"), str(getattr(args, f"gateway_{field.name}"))]
+    if args.tls_ca:
+        flags += ["--tls-ca", args.tls_ca]
+    if not args.gateway:
+        flags.append("--no-gateway")
+    flags += ["--ready-timeout", str(args.ready_timeout), "--no-build"]
+    flags += ["--max-restarts", str(args.max_restarts)] if args.restart else ["--no-restart"]
+    return flags
+
+
+def _detach(args: argparse.Namespace, state: Path) -> int:
+    """Start the supervisor in its own session and return what it reports once ready."""
+    import json
+    import select
+    import subprocess
+
+    from cnnserve.errors import UnavailableError
+    from cnnserve.processes import describe_exit
+    from cnnserve.stack import SERVE_LOG
+
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = state / SERVE_LOG
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CNNSERVE_GATEWAY_TOKEN": args.gateway_token}
+    command = [sys.executable, "-m", "cnnserve.cli", "serve", *_supervisor_flags(args)]
+    with open(log_path, "ab") as output:
+        child = subprocess.Popen(
+            [*command, "--ready-fd", str(write_end)],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_end,),
+            env=env,
+            start_new_session=True,  # no terminal: it outlives this command and the shell that ran it
+        )
+    os.close(write_end)
+    report = b""
+    # TorchServe and the gateway each get --ready-timeout; the supervisor fails on its own before this.
+    deadline = time.monotonic() + 2 * args.ready_timeout + 60
     try:
-        while not stopping and all(p.process.poll() is None for p in processes):
-            time.sleep(0.2)
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                break
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            report += chunk
+    except KeyboardInterrupt:  # Ctrl-C while it starts: stop it (it stops what it started) and say so
+        child.terminate()
+        child.wait()
+        raise
     finally:
-        died = [p for p in processes if p.process.poll() is not None]
-        print("stopping ...", file=sys.stderr)
-        if gateway is not None:
-            gateway.stop()  # first: it turns NOT_SERVING and drains its calls
-        torchserve.stop()
-    if died and not stopping:
-        raise FailedPreconditionError(f"{type(died[0]).__name__} exited on its own: {died[0].log_tail()}")
-    return EXIT_OK
-
-
-def _alive(pid_file: Path) -> bool:
-    from cnnserve.processes import read_pid
-
-    pid = read_pid(pid_file)
-    if pid is None:
-        return False
+        os.close(read_end)
+    if report.endswith(b"\n"):
+        info = json.loads(report)
+        emit(args, info, _serve_text(info, detached=True))
+        return EXIT_OK
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+        returncode = child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.terminate()  # it stops what it started
+        returncode = child.wait(timeout=120)
+    said = _last_error(log_path, offset)
+    raise UnavailableError(
+        f"{said or 'the detached supervisor ' + describe_exit(returncode) + ' before it was ready'} "
+        f"(log: {log_path})"
+    )
+
+
+def _last_error(log_path: Path, offset: int) -> str:
+    """The supervisor's error (``cnnserve: error: ...`` and any lines it goes on with) in its log after
+    ``offset``."""
+    with open(log_path, "rb") as stream:
+        stream.seek(offset)
+        text = stream.read().decode(errors="replace")
+    _, found, error = text.rpartition("cnnserve: error: ")
+    return error.strip() if found else ""
 
 
 def _add_torchserve_config(subparsers: Any) -> None:
@@ -327,29 +505,43 @@ def _run_torchserve_config(args: argparse.Namespace) -> int:
 
 
 def _add_stop(subparsers: Any) -> None:
-    parser = subparsers.add_parser("stop", help="stop what `cnnserve serve --detach` started")
+    parser = subparsers.add_parser(
+        "stop",
+        help="stop what `cnnserve serve` started (its supervisor, the gateway, TorchServe)",
+        description="Sends SIGTERM to the supervisor in STATE_DIR/serve.pid, which stops the gateway (it "
+        "drains its calls) and then TorchServe; whatever still runs after --timeout seconds, or without a "
+        "supervisor, is stopped from its pid file directly.",
+    )
     parser.add_argument("--state-dir", default=_env("CNNSERVE_STATE_DIR", "var"))
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds the supervisor gets")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_run_stop)
 
 
 def _run_stop(args: argparse.Namespace) -> int:
-    from cnnserve.processes import read_pid, stop_process_group
-    from cnnserve.stack import GATEWAY_PID_FILE
+    from cnnserve.processes import alive, read_pid, stop_process_group, wait_gone
+    from cnnserve.stack import GATEWAY_PID_FILE, SERVE_PID_FILE
     from cnnserve.torchserve import PID_FILE
 
     state = Path(args.state_dir)
-    stopped = []
     # The gateway first: it turns NOT_SERVING and drains its calls while TorchServe still answers them.
-    for name, pid_file in (
-        ("gateway", state / GATEWAY_PID_FILE),
-        ("torchserve", state / "torchserve" / PID_FILE),
-    ):
-        if not pid_file.exists():
-            continue
+    pid_files = {"gateway": state / GATEWAY_PID_FILE, "torchserve": state / "torchserve" / PID_FILE}
+    running = {name for name, pid_file in pid_files.items() if alive(read_pid(pid_file))}
+    supervisor = read_pid(state / SERVE_PID_FILE)
+    supervised = alive(supervisor)
+    if supervisor is not None and supervised:
+        os.kill(supervisor, signal.SIGTERM)
+        if not wait_gone(supervisor, args.timeout):
+            os.kill(supervisor, signal.SIGKILL)  # then what it left running is stopped below
+    (state / SERVE_PID_FILE).unlink(missing_ok=True)
+    stopped = []
+    for name, pid_file in pid_files.items():
         pid = read_pid(pid_file)
-        if pid and stop_process_group(pid):
+        if (pid and stop_process_group(pid)) or name in running:
             stopped.append(name)
         pid_file.unlink(missing_ok=True)
-    emit(args, {"stopped": stopped}, f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    text = f"stopped {', '.join(stopped)}" if stopped else "nothing was running"
+    if supervised:
+        text += " (and their supervisor)" if stopped else " (but a supervisor, now stopped)"
+    emit(args, {"stopped": stopped, "supervisor": supervised}, text)
     return EXIT_OK
