@@ -7,16 +7,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from cnnserve.torchserve import TorchServe, TorchServeSettings
 from cnnserve_export.config import TrainConfig
 from cnnserve_export.data import ImageData, load_dataset
 from cnnserve_export.export import ExportResult, export_checkpoint
 from cnnserve_export.train import TrainResult, train
+from tests.helpers import torch_threads
 
 if TYPE_CHECKING:
     from cnnserve.client import ClassifierClient
     from tests.gateway_helpers import GatewayThread
+
+
+# torch's intra-op thread count as the session started (OMP_NUM_THREADS, else the cores). Code under test sets
+# it for the whole process (TorchScriptRuntime does), so every test and every trained fixture starts from this
+# count whatever ran before: the same results in any test order.
+SESSION_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _session_torch_threads() -> Iterator[None]:
+    torch.set_num_threads(SESSION_THREADS)
+    yield
+    torch.set_num_threads(SESSION_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +43,11 @@ def digits() -> ImageData:
 def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData) -> TrainResult:
     """LeNet trained on the bundled digits: seconds on CPU, > 90 % test accuracy."""
     out = tmp_path_factory.mktemp("lenet-ckpt")
-    config = TrainConfig(model="lenet", dataset="digits", out=str(out), epochs=12, progress=False)
-    return train(config, data=digits, log=lambda _: None)
+    config = TrainConfig(
+        model="lenet", dataset="digits", out=str(out), epochs=12, device="cpu", progress=False
+    )
+    with torch_threads(SESSION_THREADS):
+        return train(config, data=digits, log=lambda _: None)
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +63,11 @@ def alexnet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageDa
         lr=0.01,
         train_subset=64,
         eval_subset=64,
+        device="cpu",
         progress=False,
     )
-    return train(config, data=digits, log=lambda _: None)
+    with torch_threads(SESSION_THREADS):
+        return train(config, data=digits, log=lambda _: None)
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,26 @@ from collections.abc import Hashable, Sequence
 import pytest
 
 from cnnserve.gateway.batching import MicroBatcher
+from tests.helpers import wait_until_async
 
 
 class RecordingBackend:
-    def __init__(self, delay: float = 0.02) -> None:
+    """Records each batch; answers ``10 * item`` (a ValueError for a negative item) after ``delay`` seconds,
+    or, with ``gate``, once the test sets it."""
+
+    def __init__(self, delay: float = 0.02, gate: asyncio.Event | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.keys: list[Hashable] = []
         self.delay = delay
+        self.gate = gate
 
     async def send(self, key: Hashable, items: Sequence[int]) -> list[int | BaseException]:
         self.batches.append(list(items))
-        await asyncio.sleep(self.delay)
+        self.keys.append(key)
+        if self.gate is not None:
+            await self.gate.wait()
+        else:
+            await asyncio.sleep(self.delay)
         return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
 
 
@@ -50,8 +60,12 @@ def test_keys_never_share_a_batch() -> None:
     async def scenario() -> None:
         backend = RecordingBackend()
         batcher: MicroBatcher[int, int] = MicroBatcher(backend.send, max_batch=8, max_in_flight=1)
-        await asyncio.gather(*(batcher.submit(key, i) for i in range(6) for key in ("a", "b")))
+        offsets = {"a": 0, "b": 100}
+        await asyncio.gather(*(batcher.submit(key, offsets[key] + i) for i in range(6) for key in offsets))
         assert len(backend.batches) >= 2
+        for key, batch in zip(backend.keys, backend.batches, strict=True):
+            low = offsets[str(key)]
+            assert all(low <= item < low + 100 for item in batch), (key, batch)
 
     asyncio.run(scenario())
 
@@ -91,14 +105,17 @@ def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs() -> Non
 
 def test_a_caller_that_gives_up_is_dropped_from_its_batch() -> None:
     async def scenario() -> None:
-        backend = RecordingBackend(delay=0.05)
+        gate = asyncio.Event()
+        backend = RecordingBackend(gate=gate)
         batcher: MicroBatcher[int, int] = MicroBatcher(backend.send, max_batch=8, max_in_flight=1)
         first = asyncio.ensure_future(batcher.submit("k", 1))
-        await asyncio.sleep(0)
+        await wait_until_async(lambda: backend.batches == [[1]], 10, "the first batch to reach the backend")
         impatient = asyncio.ensure_future(batcher.submit("k", 2))
         patient = asyncio.ensure_future(batcher.submit("k", 3))
-        await asyncio.sleep(0.01)
+        # Not a timed wait: the loop first runs both tasks created above, up to where they queue.
+        await asyncio.sleep(0)
         impatient.cancel()
+        gate.set()
         assert await first == 10 and await patient == 30
         assert backend.batches == [[1], [3]]
 

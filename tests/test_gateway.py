@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,15 +31,23 @@ from cnnserve.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from cnnserve.gateway.types import ClassifyCall, ModelInput, TensorInput
+from cnnserve.gateway.types import ClassifyCall, ClassifyResult, ClassScore, ModelInput, TensorInput
 from cnnserve.preprocess import Preprocessing, prepare_images
 from cnnserve.torchserve import TorchServe
 from cnnserve.v1 import classifier_pb2 as pb
 from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
-from tests.gateway_helpers import GatewayThread, settings_for
-from tests.helpers import cnnserve, png_bytes
+from tests.gateway_helpers import GatewayThread, hold_backend, settings_for
+from tests.helpers import (
+    RUNTIME_PROBABILITY_ATOL,
+    assert_probabilities_close,
+    assert_top_k,
+    by_class,
+    cnnserve,
+    png_bytes,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
@@ -55,6 +64,15 @@ def model_tensors(export: ExportResult, digits: ImageData, start: int, count: in
     return prepare_images(digits.test_images[start : start + count], Preprocessing.from_card(export.card))
 
 
+def pairs(scores: Sequence[ClassScore]) -> list[tuple[int, float]]:
+    return [(s.index, s.probability) for s in scores]
+
+
+def in_flight_rpcs(gateway: GatewayThread) -> float:
+    value = gateway.running.metrics.registry.get_sample_value("cnnserve_gateway_in_flight_rpcs")
+    return value or 0.0
+
+
 # ---- happy paths ------------------------------------------------------------------------------------
 
 
@@ -67,24 +85,32 @@ def test_classify_images_and_tensors(
     with torch.no_grad():
         from tests.test_torchserve import eager
 
-        expected = eager(export)(inputs).argmax(1).tolist()
+        expected = torch.softmax(eager(export)(inputs), 1).numpy()  # (3, 10)
     result = client.classify(
         model, [*digit_pngs(digits, 0, 2), tensor(inputs[2].numpy())], top_k=3, revision=0
     )
     assert (result.model, result.version, result.revision) == (model, "1.0", 0)
-    assert [scores[0].index for scores in result.predictions] == expected
-    assert all(len(scores) == 3 for scores in result.predictions)
+    assert all(len(scores) == 3 for scores in result.predictions) and len(result.predictions) == 3
+    # A barely trained AlexNet has near ties: probabilities by class, top-1 only where it is clear.
+    for scores, row in zip(result.predictions, expected, strict=True):
+        assert_top_k(pairs(scores), row, RUNTIME_PROBABILITY_ATOL)
     assert result.timing.server_ms > 0 and result.timing.backend_ms > 0
     single = client.classify(model, digit_pngs(digits, 0, 1), revision=0)
-    assert single.predictions[0][0].index == expected[0] and len(single.predictions[0]) == 5
+    assert len(single.predictions[0]) == 5
+    assert_top_k(pairs(single.predictions[0]), expected[0], RUNTIME_PROBABILITY_ATOL)
 
 
 def test_classify_stream_answers_in_order(client: ClassifierClient, digits: ImageData) -> None:
     pngs = digit_pngs(digits, 0, 20)
-    calls = [ClassifyCall("lenet", (ModelInput(image=png),), revision=0) for png in pngs]
+    calls = [ClassifyCall("lenet", (ModelInput(image=png),), top_k=10, revision=0) for png in pngs]
     streamed = list(client.classify_stream(calls))
-    singles = [client.classify("lenet", [png], revision=0) for png in pngs]
-    assert [r.predictions for r in streamed] == [r.predictions for r in singles]
+    singles = [client.classify("lenet", [png], top_k=10, revision=0) for png in pngs]
+    # Stream requests may share micro-batches, whose kernels differ from batch 1's in the last bits.
+    assert len(streamed) == len(singles)
+    assert_probabilities_close(
+        [by_class(pairs(r.predictions[0]), 10) for r in streamed],
+        [by_class(pairs(r.predictions[0]), 10) for r in singles],
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,11 +130,18 @@ def test_finetune_step_and_revisions(client: ClassifierClient, digits: ImageData
     images, labels = digit_pngs(digits, 200, 16), digits.test_targets[200:216].tolist()
     step = client.finetune_step("lenet", images, labels, lr=0.05)
     assert step.revision == step.parent + 1 and not step.replayed and step.request_id
-    assert step.loss_after < step.loss_before
+    # One SGD step need not lower the loss (test_service checks both losses against eager PyTorch); what
+    # holds anywhere: finite cross-entropies, a gradient, and new weights recorded as a child of the parent.
+    assert 0 <= step.loss_before < math.inf and 0 <= step.loss_after < math.inf
+    assert 0 < step.grad_norm < math.inf
     after = client.classify("lenet", images[:1], min_revision=step.revision)
     assert after.revision >= step.revision
     listing = client.list_revisions("lenet")
     assert listing.head >= step.revision and listing.revisions[0].kind == "base"
+    revisions = {r.revision: r for r in listing.revisions}
+    made = revisions[step.revision]
+    assert (made.kind, made.parent, made.request_id) == ("step", step.parent, step.request_id)
+    assert made.sha256 != revisions[step.parent].sha256  # the step changed the served weights
     rolled = client.rollback("lenet", step.parent)
     assert rolled.revision.kind == "rollback" and rolled.weights_of == step.parent
     reset = client.reset("lenet")
@@ -147,27 +180,44 @@ def test_list_and_get_models(client: ClassifierClient) -> None:
 
 
 def test_micro_batched_answers_equal_unbatched_and_each_caller_gets_its_own(
-    gateway: GatewayThread, client: ClassifierClient, digits: ImageData
+    torchserve: TorchServe, digits: ImageData
 ) -> None:
     pngs = digit_pngs(digits, 300, 48)
-    unbatched = client.classify("lenet", pngs, revision=0, top_k=10)  # one request, no coalescing
-    before = gateway.running.gateway._batcher.stats.largest
-    barrier = threading.Barrier(48)
+    batching = GatewayThread(settings_for(torchserve, metrics_listen="off"))
+    try:
+        with ClassifierClient(batching.target, timeout=60) as batch_client:
+            unbatched = batch_client.classify(
+                "lenet", pngs, revision=0, top_k=10
+            )  # one request, no coalescing
+            # Hold classify calls at the backend until all 48 callers are in: the in-flight limit is full, so
+            # the rest must queue and leave in micro-batches (nothing left to the scheduler's timing).
+            held = hold_backend(batching)
 
-    def one(index: int) -> tuple[int, list[tuple[int, float]]]:
-        barrier.wait()
-        result = client.classify("lenet", [pngs[index]], revision=0, top_k=10)
-        assert result.timing.batch_inputs >= 1
-        return index, [(s.index, s.probability) for s in result.predictions[0]], result.timing.batch_inputs  # type: ignore[return-value]
+            def one(index: int) -> ClassifyResult:
+                return batch_client.classify("lenet", [pngs[index]], revision=0, top_k=10)
 
-    with ThreadPoolExecutor(48) as pool:
-        replies = list(pool.map(one, range(48)))
-    for index, scores, _ in replies:  # type: ignore[misc]
-        expected = [(s.index, s.probability) for s in unbatched.predictions[index]]
-        assert [i for i, _ in scores] == [i for i, _ in expected]
-        np.testing.assert_allclose([p for _, p in scores], [p for _, p in expected], atol=1e-6)
-    assert max(size for _, _, size in replies) > 1  # type: ignore[misc]
-    assert gateway.running.gateway._batcher.stats.largest >= max(before, 2)
+            with ThreadPoolExecutor(48) as pool:
+                replies = pool.map(one, range(48))
+                wait_until(
+                    lambda: (
+                        in_flight_rpcs(batching) == 48
+                        and held.waiting == batching.running.settings.max_in_flight
+                    ),
+                    60,
+                    "48 Classify calls in the gateway with the in-flight limit full",
+                )
+                batching.loop.call_soon_threadsafe(held.release)
+                results = list(replies)
+        # Each caller gets its own input's answer; batched and unbatched kernels differ in the last bits.
+        assert_probabilities_close(
+            [by_class(pairs(r.predictions[0]), 10) for r in results],
+            [by_class(pairs(scores), 10) for scores in unbatched.predictions],
+        )
+        sizes = [r.timing.batch_inputs for r in results]
+        assert min(sizes) >= 1 and max(sizes) > 1
+        assert batching.running.gateway._batcher.stats.largest == max(sizes)
+    finally:
+        batching.stop()
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -252,6 +302,12 @@ def test_stale_expected_revision_is_aborted_and_request_ids_apply_once(
     )
     again = client.finetune_step("lenet", images, labels, lr=0.01, request_id="test-once")
     assert again.replayed and again.revision == first.revision == head + 1
+    # The replay is the stored first result, not a recomputation: equal exactly.
+    assert (again.loss_before, again.loss_after, again.grad_norm) == (
+        first.loss_before,
+        first.loss_after,
+        first.grad_norm,
+    )
     assert client.list_revisions("lenet").head == head + 1
 
 
@@ -267,23 +323,21 @@ def test_bad_finetune_requests(client: ClassifierClient, digits: ImageData) -> N
 
 def test_load_is_shed_not_queued(torchserve: TorchServe, digits: ImageData) -> None:
     tight = GatewayThread(settings_for(torchserve, max_concurrent_rpcs=2, metrics_listen="off"))
-    images = digit_pngs(digits, 0, 16)
-    outcomes: list[str] = []
+    images = digit_pngs(digits, 0, 4)
     try:
-        with ClassifierClient(tight.target) as burst_client:
-
-            def call(_: int) -> None:
-                try:
-                    burst_client.classify("alexnet", images, revision=0)
-                    outcomes.append("ok")
-                except OverloadedError:
-                    outcomes.append("shed")
-
-            with ThreadPoolExecutor(12) as pool:
-                list(pool.map(call, range(12)))
-        assert "shed" in outcomes and "ok" in outcomes
-        shed = tight.running.metrics.shed.labels("Classify")._value.get()
-        assert shed == outcomes.count("shed")
+        # Two calls held at the backend fill the limit: a third is refused at once, not queued behind them.
+        held = hold_backend(tight)
+        with ClassifierClient(tight.target) as burst_client, ThreadPoolExecutor(2) as pool:
+            admitted = [pool.submit(burst_client.classify, "lenet", images, revision=0) for _ in range(2)]
+            wait_until(lambda: held.waiting == 2, 60, "two calls held at the backend")
+            started = time.monotonic()
+            with pytest.raises(OverloadedError):
+                burst_client.classify("lenet", images, revision=0)
+            assert time.monotonic() - started < 10  # refused, not parked until the held ones finish
+            tight.loop.call_soon_threadsafe(held.release)
+            assert all(len(call.result(timeout=60).predictions) == 4 for call in admitted)
+            assert len(burst_client.classify("lenet", images, revision=0).predictions) == 4  # a slot is free
+        assert tight.running.metrics.shed.labels("Classify")._value.get() == 1
     finally:
         tight.stop()
 
@@ -347,15 +401,17 @@ def test_health_flips_to_not_serving_on_shutdown(torchserve: TorchServe, digits:
     )
     statuses = []
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+    held = hold_backend(doomed)
     with ClassifierClient(doomed.target) as slow_client, ThreadPoolExecutor(2) as pool:
-        in_flight = pool.submit(slow_client.classify, "alexnet", digit_pngs(digits, 0, 16), revision=0)
-        time.sleep(0.05)
+        in_flight = pool.submit(slow_client.classify, "lenet", digit_pngs(digits, 0, 4), revision=0)
+        wait_until(lambda: held.waiting == 1, 30, "the call to be in flight at the backend")
         stopper = pool.submit(doomed.stop, 3.0)
         for update in watch:
             statuses.append(update.status)
             if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                 break
-        assert len(in_flight.result(timeout=30).predictions) == 16  # finished inside the grace period
+        doomed.loop.call_soon_threadsafe(held.release)  # still in flight when health flipped; now let it end
+        assert len(in_flight.result(timeout=30).predictions) == 4  # finished inside the grace period
         stopper.result(timeout=30)
     assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -464,45 +520,3 @@ def test_cli_against_the_live_gateway(gateway: GatewayThread, tmp_path: Path, di
     assert {m["name"] for m in json.loads(models.stdout)} == {"lenet", "alexnet"}
     missing = cnnserve("classify", str(image), "--model", "resnet", *target)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "unknown model" in missing.stderr
-
-
-def test_serve_detach_refuses_a_second_start_and_stop_ends_both(
-    model_store: Path, tmp_path: Path, digits: ImageData
-) -> None:
-    """`cnnserve serve --detach` as a user runs it (its own TorchServe and gateway), then `cnnserve stop`."""
-    from cnnserve.processes import free_ports
-
-    ports = [str(port) for port in free_ports(7)]
-    state = tmp_path / "state"
-    target = f"127.0.0.1:{ports[5]}"
-    flags = [
-        "--model-store", str(model_store),
-        "--state-dir", str(state),
-        "--inference-port", ports[0],
-        "--management-port", ports[1],
-        "--metrics-port", ports[2],
-        "--grpc-inference-port", ports[3],
-        "--grpc-management-port", ports[4],
-        "--listen", target,
-        "--metrics-listen", f"127.0.0.1:{ports[6]}",
-        "--no-build",
-        "--detach",
-        "--json",
-    ]  # fmt: skip
-    served = cnnserve("serve", *flags)
-    try:
-        assert served.returncode == 0, served.stderr[-3000:]
-        info = json.loads(served.stdout)
-        assert info["models"] == ["alexnet", "lenet"] and info["grpc_gateway"] == target
-        assert info["key_file"] == str(state / "torchserve" / "key_file.json")
-        assert info["torchserve_grpc"] == f"127.0.0.1:{ports[3]}"
-        with ClassifierClient(target, timeout=60) as served_client:
-            result = served_client.classify("lenet", digit_pngs(digits, 0, 1))
-        assert result.predictions[0][0].label in [str(i) for i in range(10)]
-        again = cnnserve("serve", *flags)
-        assert again.returncode != 0 and "already serving" in again.stderr
-    finally:
-        stopped = cnnserve("stop", "--state-dir", str(state), "--json")
-    assert stopped.returncode == 0, stopped.stderr
-    assert json.loads(stopped.stdout)["stopped"] == ["gateway", "torchserve"]
-    assert not (state / "gateway.pid").exists() and not (state / "torchserve" / "torchserve.pid").exists()

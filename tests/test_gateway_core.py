@@ -19,7 +19,8 @@ from cnnserve.gateway.types import ClassifyCall, FineTuneCall, ModelInput, Shape
 from cnnserve.serving.service import ModelService, ServiceConfig
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
-from tests.helpers import png_bytes
+from tests.gateway_helpers import HeldBackend
+from tests.helpers import assert_probabilities_close, by_class, png_bytes, wait_until_async
 
 
 @pytest.fixture
@@ -42,30 +43,55 @@ async def started(backend: Any, **settings: Any) -> Gateway:
     return gateway
 
 
+def scores(result: Any) -> list[list[tuple[int, float]]]:
+    return [[(s.index, s.probability) for s in prediction] for prediction in result.predictions]
+
+
 def test_classify_batched_equals_direct(backend: InProcessBackend, digits: ImageData) -> None:
     async def scenario() -> None:
         gateway = await started(backend, max_batch=8)
         inputs = images(digits, 12)
-        direct = await gateway.classify(ClassifyCall("lenet", tuple(inputs), top_k=3))
-        singles = await asyncio.gather(
-            *(gateway.classify(ClassifyCall("lenet", (item,), top_k=3)) for item in inputs)
+        direct = await gateway.classify(ClassifyCall("lenet", tuple(inputs), top_k=10))
+        # Hold the first calls at the backend: the in-flight limit is then full, so the others must queue
+        # and leave together when the held ones return.
+        held = HeldBackend(backend)
+        gateway.backend = held
+        singles = [
+            asyncio.ensure_future(gateway.classify(ClassifyCall("lenet", (item,), top_k=10)))
+            for item in inputs
+        ]
+        await wait_until_async(
+            lambda: held.waiting == gateway.settings.max_in_flight, 10, "the in-flight limit to fill"
         )
-        assert [s.predictions[0] for s in singles] == list(direct.predictions)
-        assert max(s.timing.batch_inputs for s in singles) > 1
-        assert backend.calls < 1 + len(inputs)  # coalesced into fewer backend calls than callers
+        held.release()
+        answers = await asyncio.gather(*singles)
+        # Each caller gets its own input's answer; the two batch sizes' kernels differ only in the last bits.
+        for single, expected in zip(answers, scores(direct), strict=True):
+            assert_probabilities_close(by_class(scores(single)[0], 10), by_class(expected, 10))
+        assert max(s.timing.batch_inputs for s in answers) == 8  # max_batch: the queued ones rode together
+        assert held.arrived < len(inputs)  # coalesced into fewer backend calls than callers
 
     run(scenario())
 
 
 def test_a_bad_input_in_a_batch_fails_only_its_caller(backend: InProcessBackend, digits: ImageData) -> None:
     async def scenario() -> None:
-        gateway = await started(backend)
-        good = images(digits, 3)
-        calls = [ClassifyCall("lenet", (item,)) for item in good] + [
+        held = HeldBackend(backend)
+        gateway = await started(held, max_in_flight=1)
+        good = images(digits, 4)
+        leader = asyncio.ensure_future(gateway.classify(ClassifyCall("lenet", (good[0],))))
+        await wait_until_async(lambda: held.waiting == 1, 10, "the first call to reach the backend")
+        # The backend is busy with the leader: these four queue and leave as one batch.
+        calls = [ClassifyCall("lenet", (item,)) for item in good[1:]] + [
             ClassifyCall("lenet", (ModelInput(image=b"junk"),))
         ]
-        results = await asyncio.gather(*(gateway.classify(c) for c in calls), return_exceptions=True)
-        assert all(not isinstance(r, BaseException) for r in results[:3])
+        batch = [asyncio.ensure_future(gateway.classify(c)) for c in calls]
+        # Not a timed wait: the loop first runs each task created above, up to where it queues.
+        await asyncio.sleep(0)
+        held.release()
+        assert not isinstance(await leader, BaseException)
+        results = await asyncio.gather(*batch, return_exceptions=True)
+        assert all(not isinstance(r, BaseException) and r.timing.batch_inputs == 4 for r in results[:3])
         error = results[3]
         assert isinstance(error, InvalidInputError) and error.violations[0].field == "inputs[0].image"
 

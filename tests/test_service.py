@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from cnnserve.serving.service import ModelService, ServiceConfig
 from cnnserve.weights import load_into, load_weights
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
-from tests.helpers import png_bytes
+from tests.helpers import (
+    RUNTIME_PROBABILITY_ATOL,
+    assert_probabilities_close,
+    assert_top_k,
+    by_class,
+    png_bytes,
+)
 
 
 def request(**body: Any) -> dict[str, Any]:
@@ -48,6 +55,19 @@ def eager_logits(
         return model(inputs).numpy()  # type: ignore[no-any-return]
 
 
+def loss_close_to(expected: float) -> Any:
+    """The service's loss and this test's are one eager computation, maybe on other thread counts."""
+    return pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def eval_loss(
+    export_dir: Path, weights: dict[str, torch.Tensor] | None, inputs: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Mean eval-mode cross-entropy of the batch, as a fine-tune reply reports it."""
+    logits = torch.from_numpy(eager_logits(export_dir, weights, inputs))
+    return float(torch.nn.functional.cross_entropy(logits, labels))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -60,18 +80,23 @@ def digit_batch(digits: ImageData, count: int, export_dir: Path) -> tuple[list[b
     return pngs, prepare_images(images, Preprocessing.from_card(load_card(export_dir)))
 
 
+def pairs(prediction: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(t["index"], t["probability"]) for t in prediction["top_k"]]
+
+
 def test_classify_png_tensor_and_mixed_match_the_eager_model(
     service: ModelService, digits: ImageData, lenet_export: ExportResult
 ) -> None:
     pngs, inputs = digit_batch(digits, 6, lenet_export.out)
-    expected = eager_logits(lenet_export.out, None, inputs).argmax(1)
+    expected = softmax(eager_logits(lenet_export.out, None, inputs))  # (6, 10)
     raw_replies = service.handle([{"body": png} for png in pngs[:3]])
-    assert [json.loads(r.body)["predictions"][0]["top_k"][0]["index"] for r in raw_replies] == expected[
-        :3
-    ].tolist()
+    for reply, row in zip(raw_replies, expected[:3], strict=True):
+        (prediction,) = json.loads(reply.body)["predictions"]
+        assert len(prediction["top_k"]) == 5
+        assert_top_k(pairs(prediction), row, RUNTIME_PROBABILITY_ATOL)
     mixed = request(
         inputs=[
-            {"image_b64": __import__("base64").b64encode(pngs[3]).decode()},
+            {"image_b64": base64.b64encode(pngs[3]).decode()},
             tensor_input(inputs[4].numpy()),
             tensor_input(inputs[5].numpy()[None]),
         ],
@@ -79,11 +104,10 @@ def test_classify_png_tensor_and_mixed_match_the_eager_model(
     )
     status, body = reply_json(service, mixed)
     assert status == 200 and body["revision"] == 0 and body["model"] == "lenet"
-    assert [p["top_k"][0]["index"] for p in body["predictions"]] == expected[3:].tolist()
     assert all(len(p["top_k"]) == 3 for p in body["predictions"])
-    probabilities = softmax(eager_logits(lenet_export.out, None, inputs[4:5]))[0]
+    for prediction, row in zip(body["predictions"], expected[3:], strict=True):
+        assert_top_k(pairs(prediction), row, RUNTIME_PROBABILITY_ATOL)
     top = body["predictions"][1]["top_k"][0]
-    assert top["probability"] == pytest.approx(float(probabilities.max()), abs=1e-5)
     assert top["label"] == str(top["index"])
 
 
@@ -148,8 +172,14 @@ def test_finetune_reaches_every_worker_and_history_is_kept(
     labels = digits.test_targets[:16].tolist()
     status, step = reply_json(worker_a, finetune_body(inputs, labels))
     assert status == 200 and step["revision"] == 1 and step["step"] == 1 and step["parent"] == 0
-    assert step["loss_after"] < step["loss_before"]
     new_weights = worker_a.store.load(worker_a.store.get(1))  # type: ignore[union-attr]
+    base_weights = load_weights(lenet_export.out / lenet_export.card.weights_file)
+    assert any(not torch.equal(new_weights[name], base_weights[name]) for name in base_weights)
+    # One step need not lower the loss; what is guaranteed is that the reply reports the batch's eval-mode
+    # cross-entropy under the parent's weights and under the weights it stored.
+    target = torch.tensor(labels)
+    assert step["loss_before"] == loss_close_to(eval_loss(lenet_export.out, None, inputs, target))
+    assert step["loss_after"] == loss_close_to(eval_loss(lenet_export.out, new_weights, inputs, target))
     expected = softmax(eager_logits(lenet_export.out, new_weights, inputs[:2]))
     for worker in (worker_a, worker_b):
         status, body = reply_json(
@@ -162,7 +192,7 @@ def test_finetune_reaches_every_worker_and_history_is_kept(
                 for p in body["predictions"]
             ]
         )
-        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert_probabilities_close(got, expected, RUNTIME_PROBABILITY_ATOL)
     # a pin to the base, read-your-writes, rollback and reset
     status, pinned = reply_json(
         worker_b, request(inputs=[tensor_input(inputs[0].numpy())], revision=0, top_k=10)
@@ -173,7 +203,11 @@ def test_finetune_reaches_every_worker_and_history_is_kept(
     status, rolled = reply_json(worker_b, request(op="rollback", to_revision=0))
     assert status == 200 and rolled["revision"] == 2 and rolled["kind"] == "rollback"
     status, again = reply_json(worker_a, request(inputs=[tensor_input(inputs[0].numpy())], top_k=10))
-    assert again["revision"] == 2 and again["predictions"] == pinned["predictions"]
+    assert again["revision"] == 2
+    assert_probabilities_close(
+        [by_class(pairs(p), 10) for p in again["predictions"]],
+        [by_class(pairs(p), 10) for p in pinned["predictions"]],
+    )
     status, listing = reply_json(worker_a, request(op="revisions"))
     assert [r["kind"] for r in listing["revisions"]] == ["base", "step", "rollback"] and listing["head"] == 2
     status, reset = reply_json(worker_a, request(op="reset"))
@@ -272,10 +306,16 @@ def test_torchscript_runtime_serves_the_same_answers(
     onnx_service = ModelService(lenet_export.out, ServiceConfig(format="onnx"))
     script_service = ModelService(lenet_export.out, ServiceConfig(format="torchscript"))
     for png in pngs:
-        a = json.loads(onnx_service.handle([{"body": png}])[0].body)["predictions"][0]["top_k"]
-        b = json.loads(script_service.handle([{"body": png}])[0].body)["predictions"][0]["top_k"]
-        assert [t["index"] for t in a] == [t["index"] for t in b]
-        assert a[0]["probability"] == pytest.approx(b[0]["probability"], abs=1e-5)
+        query = request(inputs=[{"image_b64": base64.b64encode(png).decode()}], top_k=10)
+        _, a = reply_json(onnx_service, query)
+        _, b = reply_json(script_service, query)
+        # By class index, not by rank: the order of near-zero tail classes is the kernels' to choose.
+        # Each runtime is within RUNTIME_PROBABILITY_ATOL of eager PyTorch, so within twice that of the other.
+        assert_probabilities_close(
+            by_class(pairs(a["predictions"][0]), 10),
+            by_class(pairs(b["predictions"][0]), 10),
+            2 * RUNTIME_PROBABILITY_ATOL,
+        )
 
 
 @pytest.mark.gpu

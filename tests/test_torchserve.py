@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,13 @@ from cnnserve.torchserve import TorchServe
 from cnnserve.weights import load_into, load_weights
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
-from tests.helpers import png_bytes
+from tests.helpers import (
+    RUNTIME_PROBABILITY_ATOL,
+    assert_probabilities_close,
+    assert_top_k,
+    png_bytes,
+    wait_until,
+)
 from tests.torchserve_helpers import post
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
@@ -61,6 +66,10 @@ def probabilities(body: dict[str, Any]) -> np.ndarray:
     )
 
 
+def pairs(prediction: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(t["index"], t["probability"]) for t in prediction["top_k"]]
+
+
 def store_of(torchserve: TorchServe, export: ExportResult) -> RevisionStore:
     card = export.card
     return RevisionStore(
@@ -87,7 +96,7 @@ def test_classify_png_tensor_and_mixed(
     base = load_card(export.out)
     pinned = {"revision": 0}  # the trained weights, whatever fine-tuning other tests did
     with torch.no_grad():
-        expected = eager(export)(inputs).argmax(1).tolist()
+        expected = torch.softmax(eager(export)(inputs), 1).numpy()  # (4, 10)
     # curl -T style: raw PNG bytes, no JSON at all (served with the head revision)
     status, body = post(torchserve, name, pngs[0])
     assert status == 200 and body["model"] == name and body["version"] == base.version
@@ -103,9 +112,14 @@ def test_classify_png_tensor_and_mixed(
     }
     status, body = post(torchserve, name, mixed)
     assert status == 200 and body["revision"] == 0
-    assert [p["top_k"][0]["index"] for p in body["predictions"]] == expected[1:]
+    # A barely trained AlexNet has near ties: compare probabilities by class, top-1 only where it is clear.
+    assert len(body["predictions"]) == 3
+    for prediction, row in zip(body["predictions"], expected[1:], strict=True):
+        assert len(prediction["top_k"]) == 2
+        assert_top_k(pairs(prediction), row, RUNTIME_PROBABILITY_ATOL)
     status, body = post(torchserve, name, {**tensor_input(inputs[0].numpy()), **pinned})
-    assert status == 200 and body["predictions"][0]["top_k"][0]["index"] == expected[0]
+    assert status == 200
+    assert_top_k(pairs(body["predictions"][0]), expected[0], RUNTIME_PROBABILITY_ATOL)
 
 
 def test_shapes_through_torchserve_equal_the_plain_function(torchserve: TorchServe) -> None:
@@ -149,20 +163,25 @@ def test_every_worker_serves_the_new_revision(
     with torch.no_grad():
         expected = torch.softmax(eager(lenet_export, weights)(inputs[:2]), 1).numpy()
     query = {"inputs": [tensor_input(x.numpy()) for x in inputs[:2]], "top_k": 10}
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda _: post(torchserve, "lenet", query), range(48)))
-    workers = set()
-    for status, body in replies:
-        assert status == 200 and body["revision"] == reply["revision"]
-        np.testing.assert_allclose(probabilities(body), expected, atol=1e-5)
-        workers.add(body["worker"])
-    assert len(workers) == 2, "both TorchServe workers should have answered"
+    workers: set[str] = set()
+
+    def both_answered() -> bool:
+        # TorchServe picks the worker: send rounds of concurrent calls until both have answered.
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: post(torchserve, "lenet", query), range(16)))
+        for status, body in replies:
+            assert status == 200 and body["revision"] == reply["revision"]
+            assert_probabilities_close(probabilities(body), expected, RUNTIME_PROBABILITY_ATOL)
+            workers.add(body["worker"])
+        return len(workers) == 2
+
+    wait_until(both_answered, 120, "both TorchServe workers to answer", interval=0)
 
 
 def test_classify_during_steps_is_never_torn(
     torchserve: TorchServe, lenet_export: ExportResult, digits: ImageData
 ) -> None:
-    """Every reply's probabilities are exactly those of the revision it names, while steps land."""
+    """Every reply's probabilities are those of the revision it names (never a mix), while steps land."""
     _, inputs = model_inputs(lenet_export, digits, 40, 16)
     labels = digits.test_targets[40:56].tolist()
     query = {"inputs": [tensor_input(inputs[0].numpy())], "top_k": 10}
@@ -175,24 +194,36 @@ def test_classify_during_steps_is_never_torn(
             assert status == 200
             seen.append((body["revision"], probabilities(body)[0]))
 
+    def seen_revision(revision: int) -> bool:
+        for reader in readers:
+            if reader.done():
+                reader.result()  # a reader that failed fails the test now, not at the deadline
+        return any(number == revision for number, _ in list(seen))
+
+    start = head(torchserve, "lenet")
     with ThreadPoolExecutor(4) as pool:
         readers = [pool.submit(classify_until_stopped) for _ in range(4)]
-        steps = [finetune(torchserve, inputs, labels, lr=0.2)["revision"] for _ in range(4)]
-        time.sleep(0.3)
-        stop.set()
+        try:
+            # Readers are seen at the start, at each step's revision and at the last: never sleep and hope.
+            wait_until(lambda: seen_revision(start), 60, f"a reader to see revision {start}")
+            steps: list[int] = []
+            for _ in range(4):
+                steps.append(finetune(torchserve, inputs, labels, lr=0.2)["revision"])
+                wait_until(lambda: seen_revision(steps[-1]), 60, f"a reader to see revision {steps[-1]}")
+        finally:
+            stop.set()
         for reader in readers:
             reader.result()
     store = store_of(torchserve, lenet_export)
     revisions = {revision for revision, _ in seen}
-    assert len(revisions) >= 2, "classify calls should have seen several revisions"
+    assert {start, *steps} <= revisions and max(revisions) == steps[-1]
     expected = {}
     for revision in revisions:
         with torch.no_grad():
             model = eager(lenet_export, store.load(store.get(revision)))
             expected[revision] = torch.softmax(model(inputs[:1]), 1).numpy()[0]
     for revision, got in seen:
-        np.testing.assert_allclose(got, expected[revision], atol=1e-5)
-    assert max(revisions) == steps[-1]
+        assert_probabilities_close(got, expected[revision], RUNTIME_PROBABILITY_ATOL)
 
 
 def test_min_revision_is_honoured(
@@ -217,18 +248,19 @@ def test_rollback_and_reset(torchserve: TorchServe, lenet_export: ExportResult, 
     query = {**tensor_input(inputs[0].numpy()), "top_k": 10}
     first = finetune(torchserve, inputs, digits.test_targets[80:88].tolist(), lr=0.3)["revision"]
     status, at_first = post(torchserve, "lenet", query)
+    assert status == 200 and at_first["revision"] == first
     finetune(torchserve, inputs, digits.test_targets[80:88].tolist(), lr=0.3)
     status, rolled = post(torchserve, "lenet", {"op": "rollback", "to_revision": first})
     assert status == 200 and rolled["kind"] == "rollback" and rolled["weights_of"] == first
     status, body = post(torchserve, "lenet", query)
     assert body["revision"] == rolled["revision"]
-    np.testing.assert_allclose(probabilities(body), probabilities(at_first), atol=1e-6)
+    assert_probabilities_close(probabilities(body), probabilities(at_first))
     status, reset = post(torchserve, "lenet", {"op": "reset"})
     assert status == 200 and reset["kind"] == "reset" and reset["step"] == 0
     status, body = post(torchserve, "lenet", query)
     status, base = post(torchserve, "lenet", {**query, "revision": 0})
     assert body["revision"] == reset["revision"]
-    np.testing.assert_allclose(probabilities(body), probabilities(base), atol=1e-6)
+    assert_probabilities_close(probabilities(body), probabilities(base))
 
 
 def nan_tensor() -> dict[str, Any]:
@@ -325,7 +357,7 @@ def test_revisions_survive_a_restart(
         server.wait_ready(("lenet",), timeout=120)
         _, after = post(server, "lenet", query)
         assert after["revision"] == step["revision"] == 1
-        np.testing.assert_allclose(probabilities(after), probabilities(before), atol=1e-6)
+        assert_probabilities_close(probabilities(after), probabilities(before))
         second = finetune(server, inputs, digits.test_targets[100:108].tolist())
         assert second["revision"] == 2 and second["step"] == 2
     finally:
