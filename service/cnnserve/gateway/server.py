@@ -73,8 +73,19 @@ def _abort_handler(
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
+    return _handler_like(handler, unary, streaming, handler.request_deserializer)
+
+
+def _handler_like(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[..., Any],
+    streaming: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` (one or a stream of requests and of responses) running
+    ``unary`` where it answers one response and ``streaming`` where it answers a stream."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -192,14 +203,7 @@ def _guard_decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
         wrapped = stream_sync
     else:
         wrapped = answer_sync
-    kwargs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrapped, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrapped, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(wrapped, **kwargs)
+    return _handler_like(handler, wrapped, wrapped, deserialize)
 
 
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
