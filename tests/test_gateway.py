@@ -520,3 +520,18 @@ def test_cli_against_the_live_gateway(gateway: GatewayThread, tmp_path: Path, di
     assert {m["name"] for m in json.loads(models.stdout)} == {"lenet", "alexnet"}
     missing = cnnserve("classify", str(image), "--model", "resnet", *target)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "unknown model" in missing.stderr
+
+
+def test_the_readme_python_example_runs_as_written(gateway: GatewayThread, tmp_path: Path) -> None:
+    """The README's "gRPC from Python" block, verbatim but for the target, after its own digit.png command."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    make_digit = readme.split('A digit image to try: `.venv/bin/python -c "', 1)[1].split('"`', 1)[0]
+    example = readme.split("### gRPC from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"127.0.0.1:50051"' in example
+    example = example.replace('"127.0.0.1:50051"', repr(gateway.target))
+    for code in (make_digit, example):
+        ran = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert ran.returncode == 0, ran.stderr
+    assert "is above this model's bound of 10" in ran.stdout  # the refused lr=100 step, printed
