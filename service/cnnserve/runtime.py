@@ -8,12 +8,18 @@ the ones it was exported with, which is how fine-tuned revisions are served with
 - TorchScript: ``load_state_dict`` on the loaded module.
 
 Both take a float32 ``(N, C, H, W)`` batch and return float32 logits ``(N, num_classes)`` as numpy.
+
+Every runtime says where it really runs: ``device`` (``"cuda:0"``, ``"cpu"``) and ``provider``
+(``"CUDAExecutionProvider"``, ``"CPUExecutionProvider"``, ``"torch"``). A CUDA device that cannot be used is a
+logged WARNING and a CPU runtime, or :class:`FailedPreconditionError` with ``require_device=True``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,33 +35,103 @@ __all__ = [
     "OnnxRuntime",
     "TorchScriptRuntime",
     "EagerRuntime",
+    "configure_cuda_numerics",
     "onnx_providers",
+    "onnx_cuda_options",
+    "warm_up_runtime",
     "load_runtime",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.pt"
 EXPORT_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+NO_CUDA_PROVIDER = f"onnxruntime has no {CUDA_PROVIDER}: install onnxruntime-gpu"
 
 
 class Runtime(Protocol):
     format: str
-    device: str
+    device: str  # where it really runs: "cuda:0" or "cpu", whatever was asked for
+    provider: str  # "CUDAExecutionProvider", "CPUExecutionProvider" (ONNX Runtime) or "torch"
 
     def run(self, batch: torch.Tensor) -> np.ndarray:
         """float32 ``(N, C, H, W)`` -> float32 logits ``(N, num_classes)``."""
         ...
 
 
+def configure_cuda_numerics(tf32: bool = False) -> None:
+    """Set torch's process-wide CUDA math once per worker, before building TorchScript runtimes.
+
+    - TF32 (``tf32=False`` recommended): TF32 rounds conv/matmul inputs to a 10-bit mantissa, ~1e-3 relative
+      error, which breaks the 1e-4 logit parity the exports are gated on. torch enables it for cuDNN
+      convolutions by default (``torch.backends.cudnn.allow_tf32``), so it is switched off explicitly.
+    - ``torch.backends.cudnn.benchmark`` stays off: it autotunes every new input shape, and the micro-batcher
+      sends every batch size 1..64, so each first call of a size pays a search (latency spikes for the whole
+      worker life) and may pick another algorithm in another worker (logits differ in the last bits).
+
+    Never called at import: these are the worker's choice. ONNX Runtime sessions set their own
+    (``use_tf32=0``, see :func:`onnx_cuda_options`).
+    """
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def _torch_cuda_problem(device: str) -> str | None:
+    """Why torch cannot run on the CUDA ``device``, or None when it can."""
+    if not torch.cuda.is_available():
+        return f"{device} asked for, but CUDA is unavailable (torch.cuda.is_available() is False)"
+    count = torch.cuda.device_count()
+    if _cuda_index(device) >= count:
+        return f"{device} asked for, but there are only {count} CUDA devices"
+    return None
+
+
+def _fall_back(reason: str, require_device: bool) -> None:
+    if require_device:
+        raise FailedPreconditionError(reason)
+    log.warning("%s; running on the CPU instead", reason)
+
+
 def onnx_providers(device: str) -> list[str]:
     """CUDA first when the device is a GPU and ONNX Runtime has the CUDA provider, else CPU."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device.startswith("cuda") and CUDA_PROVIDER in ort.get_available_providers():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def onnx_cuda_options(device_id: int, gpu_mem_limit_bytes: int | None = None) -> dict[str, str]:
+    """The CUDA execution provider's options for one session.
+
+    - ``cudnn_conv_algo_search=HEURISTIC``: cuDNN's heuristics pick an algorithm per shape, running none.
+      EXHAUSTIVE (ORT's default) benchmarks every algorithm at each new input shape, and the micro-batcher
+      makes up to 64 shapes per session (each revision has its own): a search on the first call of each batch
+      size, scratch memory outside ``gpu_mem_limit``, and picks that can differ between workers. DEFAULT
+      (always IMPLICIT_PRECOMP_GEMM) is stable too but leaves the faster algorithms unused.
+    - ``arena_extend_strategy=kSameAsRequested``: the arena grows by what is asked, not to the next power of
+      two, so several workers (and revisions) per GPU stay within their share.
+    - ``gpu_mem_limit``: the arena's cap, when given (ORT default: no cap). Override weights are not in it.
+    - ``use_tf32=0``: ORT's CUDA provider uses TF32 by default; full float32 keeps the 1e-4 logit parity.
+    """
+    options = {
+        "device_id": str(device_id),
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "0",
+    }
+    if gpu_mem_limit_bytes is not None:
+        options["gpu_mem_limit"] = str(gpu_mem_limit_bytes)
+    return options
 
 
 class OnnxRuntime:
@@ -67,38 +143,70 @@ class OnnxRuntime:
         weights: Mapping[str, torch.Tensor] | None = None,
         device: str = "cpu",
         threads: int = 1,
+        *,
+        require_device: bool = False,
+        gpu_mem_limit_bytes: int | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        providers = onnx_providers(device)
+        cuda = providers[0] == CUDA_PROVIDER
+        if device.startswith("cuda") and not cuda:
+            _fall_back(NO_CUDA_PROVIDER, require_device)
+        index = _cuda_index(device) if cuda else 0
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        # ERROR and above, except for overrides on CUDA: ORT uses an override only if it lives on the device
+        # it planned for that initializer, else it loads the file's weights and says so only at WARNING
+        # ("Cannot use user supplied initializer ..."). The overrides are made on the GPU for the CUDA-planned
+        # weights; a node placed on the CPU would still be served base weights, and that warning in the
+        # worker's log is the evidence. No probe run: proving the overrides took needs a second (CPU) session
+        # per revision as the reference.
+        options.log_severity_level = 2 if cuda and weights is not None else 3
         # ORT_ENABLE_ALL adds layout transforms that pre-pack conv weights from the file and silently ignore
         # add_initializer overrides (measured: LeNet's conv weights were not replaced). EXTENDED keeps the
         # fusions and honours overrides; every revision, the base included, runs at the same level so their
         # logits are computed the same way.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        # The session reads overridden initializers from these arrays for its whole life: keep them alive.
+        # The session reads overridden initializers from these values for its whole life: keep them alive.
         self._override_values: list[object] = []
         if weights is not None:
             for name, tensor in weights.items():
                 # A private copy: ONNX Runtime reads this memory for the session's whole life, and the
                 # caller's tensors may be live parameters that the next fine-tune step changes in place.
                 array = np.array(tensor.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                self._override_values += [array, value]
+                if cuda:
+                    # On the GPU, where the CUDA provider plans conv/gemm weights (a copy ORT owns).
+                    value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", index)
+                    self._override_values.append(value)
+                else:
+                    value = ort.OrtValue.ortvalue_from_numpy(array)  # wraps ``array``'s memory
+                    self._override_values += [array, value]
                 options.add_initializer(name, value)
-        provider_options = None
-        providers = onnx_providers(device)
-        if providers[0] == "CUDAExecutionProvider":
-            index = int(device.split(":")[1]) if ":" in device else 0
-            provider_options = [{"device_id": index}, {}]
+        provider_options: list[dict[str, str]] | None = None
+        if cuda:
+            provider_options = [onnx_cuda_options(index, gpu_mem_limit_bytes), {}]
         self.session = ort.InferenceSession(
             str(path), sess_options=options, providers=providers, provider_options=provider_options
         )
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self._input_name = self.session.get_inputs()[0].name
+        # The truth is what the session got: ORT falls back to the CPU when the CUDA provider fails to start.
+        self.provider: str = self.session.get_providers()[0]
+        if cuda and self.provider != CUDA_PROVIDER:
+            _fall_back(
+                f"onnxruntime could not start its {CUDA_PROVIDER} on {device} "
+                "(no such GPU, or CUDA/cuDNN libraries missing: see onnxruntime's log)",
+                require_device,
+            )
+        self.device = f"cuda:{index}" if self.provider == CUDA_PROVIDER else "cpu"
+        first = self.session.get_inputs()[0]
+        self._input_name: str = first.name
+        dims = list(first.shape)[1:]
+        # (C, H, W) when the file fixes them (the batch dimension is symbolic), for warm-up
+        self.input_shape: tuple[int, ...] | None = (
+            tuple(dims) if all(isinstance(d, int) for d in dims) else None
+        )
 
     def run(self, batch: torch.Tensor) -> np.ndarray:
         array = batch.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -107,7 +215,14 @@ class OnnxRuntime:
 
 
 class TorchScriptRuntime:
+    """TorchScript on ``device``; torch's intra-op thread count is process-wide: the caller sets it once.
+
+    ``threads`` is accepted for a signature like :class:`OnnxRuntime`'s and not applied here (the worker's
+    ``initialize`` calls ``torch.set_num_threads``). CUDA numerics: :func:`configure_cuda_numerics`.
+    """
+
     format = "torchscript"
+    provider = "torch"
 
     def __init__(
         self,
@@ -115,8 +230,16 @@ class TorchScriptRuntime:
         weights: Mapping[str, torch.Tensor] | None = None,
         device: str = "cpu",
         threads: int = 1,
+        *,
+        require_device: bool = False,
     ) -> None:
-        torch.set_num_threads(threads)
+        if device.startswith("cuda"):
+            problem = _torch_cuda_problem(device)
+            if problem is not None:
+                _fall_back(problem, require_device)
+                device = "cpu"
+            else:
+                device = f"cuda:{_cuda_index(device)}"
         self._device = torch.device(device)
         self.device = str(self._device)
         with warnings.catch_warnings():
@@ -124,6 +247,7 @@ class TorchScriptRuntime:
             warnings.simplefilter("ignore", FutureWarning)
             self.module = torch.jit.load(str(path), map_location=self._device)  # type: ignore[no-untyped-call]
         if weights is not None:
+            # copied into the module's parameters, which map_location put on the device
             self.module.load_state_dict(dict(weights), strict=True)
         self.module.eval()
 
@@ -137,6 +261,7 @@ class EagerRuntime:
     """The plain ``nn.Module``: the reference the exported formats are checked against."""
 
     format = "eager"
+    provider = "torch"
 
     def __init__(self, model: nn.Module, device: str = "cpu") -> None:
         self._device = torch.device(device)
@@ -149,19 +274,69 @@ class EagerRuntime:
         return logits.float().cpu().numpy()  # type: ignore[no-any-return]
 
 
+def warm_up_runtime(runtime: Runtime, batch_sizes: Sequence[int], input_shape: Sequence[int]) -> float:
+    """One forward pass of zeros ``(n, *input_shape)`` per batch size; returns the seconds it took.
+
+    On CUDA the first calls create the context, load cuDNN and pick convolution algorithms per shape: paid
+    here rather than by the first requests.
+    """
+    start = time.perf_counter()
+    for size in batch_sizes:
+        runtime.run(torch.zeros((size, *input_shape), dtype=torch.float32))
+    return time.perf_counter() - start
+
+
 def load_runtime(
     export_dir: str | Path,
     fmt: str,
     weights: Mapping[str, torch.Tensor] | None = None,
     device: str = "cpu",
     threads: int = 1,
+    *,
+    require_device: bool = False,
+    gpu_mem_limit_bytes: int | None = None,
+    warm_up: Sequence[int] = (),
+    input_shape: Sequence[int] | None = None,
 ) -> Runtime:
-    """The runtime for ``fmt`` from an export directory, optionally with other weights than the exported."""
+    """The runtime for ``fmt`` from an export directory, optionally with other weights than the exported.
+
+    ``require_device``: raise :class:`FailedPreconditionError` instead of falling back to the CPU.
+    ``gpu_mem_limit_bytes``: ONNX Runtime's CUDA arena cap (TorchScript: unused). ``warm_up``: batch
+    sizes to run once each right away, on zeros of ``input_shape`` ``(C, H, W)``; when not given, the ONNX
+    file's input, else the export's model card.
+    """
     if fmt not in EXPORT_FILES:
         raise InvalidInputError.for_field("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     path = Path(export_dir) / EXPORT_FILES[fmt]
     if not path.exists():
         raise FailedPreconditionError(f"{path} not found: export the model with --formats {fmt}")
+    runtime: OnnxRuntime | TorchScriptRuntime
     if fmt == "onnx":
-        return OnnxRuntime(path, weights, device, threads)
-    return TorchScriptRuntime(path, weights, device, threads)
+        runtime = OnnxRuntime(
+            path,
+            weights,
+            device,
+            threads,
+            require_device=require_device,
+            gpu_mem_limit_bytes=gpu_mem_limit_bytes,
+        )
+    else:
+        runtime = TorchScriptRuntime(path, weights, device, threads, require_device=require_device)
+    if warm_up:
+        shape = input_shape
+        if shape is None and isinstance(runtime, OnnxRuntime):
+            shape = runtime.input_shape
+        if shape is None:  # a TorchScript file does not say: the export's model card does
+            from cnnserve.card import load_card
+
+            shape = load_card(export_dir).input_shape
+        seconds = warm_up_runtime(runtime, warm_up, shape)
+        log.info(
+            "%s on %s (%s) warmed up at batch sizes %s in %.3f s",
+            fmt,
+            runtime.device,
+            runtime.provider,
+            list(warm_up),
+            seconds,
+        )
+    return runtime
