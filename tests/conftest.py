@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 # torch's intra-op thread count as the session started (OMP_NUM_THREADS, else the cores). Code under test sets
-# it for the whole process (TorchScriptRuntime does), so every test and every trained fixture starts from this
+# it for the whole process (the handler's initialize, the bench's in-process rows, tests that pin it), so every test and every trained fixture starts from this
 # count whatever ran before: the same results in any test order.
 SESSION_THREADS = torch.get_num_threads()
 

@@ -454,6 +454,7 @@ def test_prometheus_metrics(gateway: GatewayThread, client: ClassifierClient, di
     client.classify("lenet", digit_pngs(digits, 0, 1))
     with pytest.raises(NotFoundError):
         client.classify("resnet", digit_pngs(digits, 0, 1))
+    client.get_model("lenet")
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{gateway.running.metrics_port}/metrics", timeout=5)
         .read()
@@ -464,6 +465,11 @@ def test_prometheus_metrics(gateway: GatewayThread, client: ClassifierClient, di
     assert "cnnserve_gateway_rpc_latency_seconds_bucket" in text
     assert 'cnnserve_gateway_batch_inputs_count{model="lenet"}' in text
     assert 'cnnserve_gateway_model_serving{model="alexnet"} 1.0' in text
+    # This machine has no GPU and the session's archives ask for none: the worker's real device is reported.
+    assert (
+        'cnnserve_gateway_model_device{device="cpu",model="lenet",provider="CPUExecutionProvider",'
+        'requested_device="cpu"} 1.0' in text
+    )
     assert "cnnserve_gateway_shed_total" in text or "cnnserve_gateway_shed" in text
 
 

@@ -103,6 +103,9 @@ class TorchServeSettings:
     max_request_bytes: int = 64 * 2**20  # a batch of 32 AlexNet tensors is 19 MiB; TorchServe's default 6.5
     job_queue_size: int = 1000
     java_heap: str = "1g"
+    # GPUs TorchServe hands out to workers (round-robin gpu_id). None: TorchServe's own detection (nvidia-smi;
+    # 0 without it); 0: every worker on CPU whatever the archives ask (`--device cpu`).
+    number_of_gpu: int | None = None
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
@@ -183,6 +186,8 @@ def render_config(settings: TorchServeSettings) -> str:
         "enable_envvars_config": "false",
         "vmargs": f"-Xmx{settings.java_heap} -XX:+ExitOnOutOfMemoryError",
     }
+    if settings.number_of_gpu is not None:
+        lines["number_of_gpu"] = settings.number_of_gpu
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 

@@ -312,6 +312,8 @@ def model_message(details: ModelDetails) -> pb.Model:
         formats=info.get("formats", []),
         serving_format=info.get("format", ""),
         device=info.get("device", ""),
+        provider=info.get("provider", ""),
+        requested_device=info.get("requested_device", ""),
         parity=pb.ParityReport(
             passed=bool(parity.get("passed", False)),
             samples=int(parity.get("samples", 0)),

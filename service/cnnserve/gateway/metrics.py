@@ -45,3 +45,9 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.model_device = Gauge(
+            "cnnserve_gateway_model_device",
+            "1 for the device and provider a model's worker really uses (from its last GetModel)",
+            ["model", "requested_device", "device", "provider"],
+            registry=self.registry,
+        )

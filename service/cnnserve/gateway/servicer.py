@@ -119,9 +119,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.Model:
         async def work(timeout: float | None) -> pb.Model:
-            return converters.model_message(
-                await self.gateway.get_model(request.model, request.version, timeout)
-            )
+            details = await self.gateway.get_model(request.model, request.version, timeout)
+            info = details.info
+            self.metrics.model_device.labels(
+                details.status.name,
+                str(info.get("requested_device", "")),
+                str(info.get("device", "")),
+                str(info.get("provider", "")),
+            ).set(1)
+            return converters.model_message(details)
 
         return await self._run("GetModel", context, work)
 

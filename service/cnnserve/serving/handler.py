@@ -9,6 +9,14 @@ which reads as "TorchServe is down" and gets retried. A bug (anything that is no
 logged with its traceback under a fresh error id, and every request of the batch is answered 500 INTERNAL
 (running out of memory: 429 RESOURCE_EXHAUSTED) with that id, so that the client's message finds the
 traceback in TorchServe's model log.
+
+A CUDA error (:func:`cuda_failure`) is not a bug in our code: the batch is answered 503 UNAVAILABLE, which the
+gateway retries once. A *sticky* one (an illegal memory access, a device-side assert, ...) leaves the CUDA
+context unusable for the rest of the process: the handler answers the batch, refuses every later request
+503 without touching the GPU, and ends the worker process ``RESTART_DELAY_S`` later (after TorchServe's
+worker loop has sent the replies; ``handle`` cannot exit itself before returning them), so that TorchServe
+starts a fresh worker. A request that reaches the worker in that window is answered or, at worst, seen
+by TorchServe as "worker died", which the gateway also retries.
 """
 
 from __future__ import annotations
@@ -16,22 +24,57 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from typing import Any
 
 import torch
 
-from cnnserve.errors import CnnserveError, ErrorKind
+from cnnserve.errors import CnnserveError, ErrorKind, FailedPreconditionError
+from cnnserve.runtime import configure_cuda_numerics
 from cnnserve.serving.config import pick_device, service_config
 from cnnserve.serving.service import ModelService, Reply, error_body
 
 log = logging.getLogger("cnnserve.serving.handler")  # archived as cnnserve_handler.py: keep our name
+
+RESTART_DELAY_S = 1.0  # after a sticky CUDA error: time for TorchServe's worker loop to send the replies
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: TorchServe restarts a worker whatever its exit status
+# CUDA errors after which the process's CUDA context is unusable (every later call fails too).
+_STICKY = (
+    "illegal memory access",
+    "illegal address",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "launch timed out",
+    "ecc error",
+    "fallen off the bus",
+    "hardware stack error",
+)
+_CUDA = ("cuda error", "cuda failure", "cudnn", "cublas", "cufft", "curand", "cusparse", "cudaerror")
+
+
+def cuda_failure(exc: BaseException) -> str | None:
+    """``"oom"``, ``"sticky"`` or ``"transient"`` when ``exc`` is a CUDA failure (torch's or ONNX Runtime's,
+    both of which say so in the message), else None."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "oom"
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "failed to allocate memory" in text:  # ONNX Runtime's arena (BFCArena), which does not say CUDA
+        return "oom"
+    if not any(marker in text for marker in _CUDA):
+        return None
+    if "out of memory" in text:
+        return "oom"
+    return "sticky" if any(marker in text for marker in _STICKY) else "transient"
 
 
 class CnnserveHandler:
     def __init__(self) -> None:
         self.service: ModelService | None = None
         self.initialized = False
+        self.broken: str | None = None  # a sticky CUDA error: the worker answers 503 until it has exited
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -42,20 +85,41 @@ class CnnserveHandler:
         logging.getLogger().setLevel(logging.WARNING)
         for name in ("cnnserve", "ts.metrics"):
             logging.getLogger(name).setLevel(logging.INFO)
-        device = pick_device(properties.get("gpu_id"), torch.cuda.is_available())
-        config = service_config(yaml_config.get("handler"), os.environ, device)
-        torch.set_num_threads(config.threads)
+        choice = pick_device(
+            properties.get("gpu_id"),
+            yaml_config.get("deviceType"),
+            torch.cuda.is_available(),
+            torch.cuda.device_count(),
+        )
         try:
+            config = service_config(
+                yaml_config.get("handler"), os.environ, choice.device, requested_device=choice.requested
+            )
+            if choice.fallback_reason is not None:
+                if config.require_device:
+                    raise FailedPreconditionError(
+                        f"{context.model_name} needs {choice.requested} (require_device is true) but "
+                        f"{choice.fallback_reason}; refusing to start on CPU"
+                    )
+                log.warning("%s serves on CPU: %s", context.model_name, choice.fallback_reason)
+            if config.on_cuda:
+                torch.cuda.set_device(config.device)  # else every worker also makes a context on GPU 0
+                # TF32 off: it rounds conv and matmul inputs to 10 mantissa bits, which moves CUDA logits
+                # past the 1e-4 parity tolerance the exports are checked with.
+                configure_cuda_numerics(tf32=False)
+            torch.set_num_threads(config.threads)
             self.service = ModelService(properties["model_dir"], config, name=context.model_name)
         except CnnserveError as exc:
             log.error("cannot start %s: %s", context.model_name, exc.message)
             raise
         self.initialized = True
         log.info(
-            "%s ready: %s on %s, revisions in %s",
+            "%s ready: %s on %s (%s; asked for %s), revisions in %s",
             context.model_name,
             config.format,
-            device,
+            self.service.device,
+            self.service.provider,
+            choice.requested,
             config.revisions_dir,
         )
 
@@ -63,7 +127,7 @@ class CnnserveHandler:
         if not data:
             return []
         assert self.service is not None, "initialize() was not called"
-        replies = self._replies(self.service, data)
+        replies = self._restarting(data) if self.broken is not None else self._replies(self.service, data)
         for index, reply in enumerate(replies):
             context.set_response_content_type(index, "application/json")
             if reply.status != 200:
@@ -83,16 +147,52 @@ class CnnserveHandler:
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.exception("%s: error id %s in a batch of %d requests", service.name, error_id, len(data))
-            # Out of memory is load (TorchServe's own 507 for it), not a bug in the code.
-            out_of_memory = isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
-            kind = ErrorKind.RESOURCE_EXHAUSTED if out_of_memory else ErrorKind.INTERNAL
-            what = "out of memory" if out_of_memory else "internal error"
+            cuda = cuda_failure(exc)
+            if isinstance(exc, MemoryError) or cuda == "oom":
+                # Out of memory is load (TorchServe's own 507 for it), not a bug in the code.
+                kind, what = ErrorKind.RESOURCE_EXHAUSTED, "out of memory"
+            elif cuda is not None:
+                kind, what = ErrorKind.UNAVAILABLE, "CUDA error"
+                if cuda == "sticky":
+                    self._schedule_restart(service.name, f"{type(exc).__name__}: {exc}")
+                    what = "CUDA error (the worker restarts)"
+            else:
+                kind, what = ErrorKind.INTERNAL, "internal error"
             message = (
                 f"{what} in the {service.name} worker "
                 f"(error id {error_id}; its traceback is in TorchServe's model log)"
             )
             body = {"error": {"code": kind.code_name, "message": message, "field_violations": []}}
         return [Reply(kind.http_status, _encode_error(body, kind, message))] * len(data)
+
+    def _restarting(self, data: list[dict[str, Any]]) -> list[Reply]:
+        """503 for every request while the worker waits to exit after a sticky CUDA error."""
+        kind = ErrorKind.UNAVAILABLE
+        name = self.service.name if self.service is not None else "model"
+        message = f"the {name} worker is restarting after a CUDA error"
+        body = {"error": {"code": kind.code_name, "message": message, "field_violations": []}}
+        return [Reply(kind.http_status, _encode_error(body, kind, message))] * len(data)
+
+    def _schedule_restart(self, model: str, why: str) -> None:
+        """Mark the worker broken and end its process ``RESTART_DELAY_S`` from now (once)."""
+        if self.broken is not None:
+            return
+        self.broken = why
+        log.error(
+            "%s: sticky CUDA error (%s): the CUDA context is unusable; this worker exits in %.1f s so that "
+            "TorchServe starts a fresh one",
+            model,
+            why,
+            RESTART_DELAY_S,
+        )
+        timer = threading.Timer(RESTART_DELAY_S, _exit_worker)
+        timer.daemon = True
+        timer.start()
+
+
+def _exit_worker() -> None:
+    logging.shutdown()
+    os._exit(RESTART_EXIT_CODE)
 
 
 def _encode_error(body: dict[str, Any], kind: ErrorKind, message: str) -> bytes:

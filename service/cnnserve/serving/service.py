@@ -70,6 +70,21 @@ class ServiceConfig:
     retention: int = DEFAULT_RETENTION
     runtime_cache: int = 4  # loaded revisions kept per worker
     max_lr: float = DEFAULT_MAX_LR  # a fine-tune step asking for more is refused (INVALID_ARGUMENT)
+    requested_device: str | None = None  # what TorchServe and the archive asked for (None: ``device``)
+    require_device: bool = False  # a GPU asked for but unusable: refuse to start instead of using CPU
+    # Each cached ONNX Runtime CUDA session keeps its own memory arena (it grows to the largest batch seen
+    # and never shrinks): on CUDA keep at most this many; 2 is the head plus one pinned or previous revision.
+    gpu_runtime_cache: int = 2
+    gpu_mem_limit_mb: int | None = None  # per runtime on CUDA (ONNX Runtime's gpu_mem_limit); None: no limit
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def cache_size(self) -> int:
+        """Loaded revisions kept per worker on this device."""
+        return min(self.runtime_cache, self.gpu_runtime_cache) if self.on_cuda else self.runtime_cache
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,11 @@ class ModelService:
                 retention=config.retention,
             )
         self._runtimes: OrderedDict[str, Runtime] = OrderedDict()
-        self._runtime(self.base)  # fail at start-up, not on the first request
+        base = self._runtime(self.base)  # fail at start-up, not on the first request
+        # What every runtime of this worker really runs on (they are all built alike), reported in replies:
+        # ``cpu`` when CUDA was asked for but cannot be used (load_runtime logged why).
+        self.device: str = base.device
+        self.provider: str = base.provider  # CUDAExecutionProvider | CPUExecutionProvider | torch
         with torch.device("meta"):
             self._shape_model = self.card.build_model()  # architecture only, no memory
         self._trainer: _Trainer | None = None
@@ -301,7 +320,8 @@ class ModelService:
                 "version": self.card.version,
                 "revision": pending.revision.revision,
                 "format": self.config.format,
-                "device": self.config.device,
+                "device": self.device,
+                "provider": self.provider,
                 "worker": os.getpid(),  # which TorchServe worker process answered
                 "predictions": predictions,
                 "timing_ms": timing,
@@ -333,13 +353,32 @@ class ModelService:
             return cached
         if weights is None and revision.sha256 != self.base.sha256:
             weights = self._load_checked(revision)
+        while len(self._runtimes) >= self.config.cache_size:  # free the oldest first: GPU memory is tight
+            self._runtimes.popitem(last=False)
         runtime = load_runtime(
-            self.model_dir, self.config.format, weights, self.config.device, self.config.threads
+            self.model_dir,
+            self.config.format,
+            weights,
+            self.config.device,
+            self.config.threads,
+            **self._load_options(),
         )
         self._runtimes[revision.sha256] = runtime
-        while len(self._runtimes) > self.config.runtime_cache:
-            self._runtimes.popitem(last=False)
         return runtime
+
+    def _load_options(self) -> dict[str, Any]:
+        """``load_runtime``'s device keywords: on CUDA, refuse a CPU fallback when asked to, warm up the
+        batch sizes classify runs (cuDNN picks its kernels on a shape's first call), cap the session's memory.
+        """
+        if not self.config.on_cuda:
+            return {}
+        limit = self.config.gpu_mem_limit_mb
+        return {
+            "require_device": self.config.require_device,
+            "warm_up": (1, self.config.max_forward_batch),
+            "input_shape": self.card.input_shape,
+            "gpu_mem_limit_bytes": None if limit is None else limit * 2**20,
+        }
 
     # ---- the other operations -------------------------------------------------------------------
 
@@ -368,7 +407,9 @@ class ModelService:
             },
             "formats": sorted(card.exports),
             "format": self.config.format,
-            "device": self.config.device,
+            "device": self.device,
+            "provider": self.provider,
+            "requested_device": self.config.requested_device or self.config.device,
             "parity": card.parity,
             "base_sha256": card.weights_sha256,
             "revision": self._head().revision,

@@ -259,7 +259,7 @@ class ParityReport(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., samples: _Optional[int] = ..., dataset: _Optional[str] = ..., formats: _Optional[_Mapping[str, FormatParity]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("status", "architecture", "input_shape", "labels", "formats", "serving_format", "device", "parity", "revision", "fine_tuning", "mean", "std", "resize", "pad", "test_accuracy", "dataset")
+    __slots__ = ("status", "architecture", "input_shape", "labels", "formats", "serving_format", "device", "parity", "revision", "fine_tuning", "mean", "std", "resize", "pad", "test_accuracy", "dataset", "provider", "requested_device")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,8 @@ class Model(_message.Message):
     PAD_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_DEVICE_FIELD_NUMBER: _ClassVar[int]
     status: ModelStatus
     architecture: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -292,7 +294,9 @@ class Model(_message.Message):
     pad: int
     test_accuracy: float
     dataset: str
-    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., formats: _Optional[_Iterable[str]] = ..., serving_format: _Optional[str] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., revision: _Optional[int] = ..., fine_tuning: _Optional[bool] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[_Iterable[int]] = ..., pad: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
+    provider: str
+    requested_device: str
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., formats: _Optional[_Iterable[str]] = ..., serving_format: _Optional[str] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., revision: _Optional[int] = ..., fine_tuning: _Optional[bool] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[_Iterable[int]] = ..., pad: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., dataset: _Optional[str] = ..., provider: _Optional[str] = ..., requested_device: _Optional[str] = ...) -> None: ...
 
 class ListRevisionsRequest(_message.Message):
     __slots__ = ("model", "version")
