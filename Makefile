@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup check test test-variants run bench compose-smoke clean
+.PHONY: help setup check test test-variants run bench gpu-check compose-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ run: setup  ## serve TorchServe + the gRPC gateway in the foreground (builds the
 
 bench: setup  ## the full benchmark (10-25 min): writes docs/bench/results.json, README.md and plots
 	$(BIN)/cnnserve bench --out docs/bench
+
+GPU_CHECK_ARGS ?=
+gpu-check: setup  ## on a CUDA machine (< 10 min, no network): GPU parity, latency, memory, pytest -m gpu
+	$(BIN)/python -m cnnserve.gpu_check --out var/gpu-check $(GPU_CHECK_ARGS)
 
 COMPOSE_SMOKE_ARGS ?=
 compose-smoke:  ## build and boot the docker compose stack for real, call it, tear it down

@@ -186,6 +186,53 @@ def test_gpu_override_reserves_nvidia_gpus_with_the_gpu_image() -> None:
     assert "onnxruntime-gpu" in (DOCKER / "requirements" / args["WORKER_REQUIREMENTS"]).read_text()
 
 
+def test_gpu_worker_requirements_never_install_both_onnxruntimes() -> None:
+    """onnxruntime and onnxruntime-gpu install the same module: a GPU image or extra has only the GPU one."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = [dep.partition("==")[0] for dep in extras["worker-gpu"]]
+    assert "onnxruntime-gpu" in names and "onnxruntime" not in names
+    assert [d for d in extras["worker-gpu"] if d.startswith("torch")] == [
+        d for d in extras["worker"] if d.startswith("torch")
+    ]
+    for path in (DOCKER / "requirements").glob("*gpu*.txt"):
+        requirements = [line.split("==")[0].strip() for line in path.read_text().splitlines() if "==" in line]
+        assert "onnxruntime" not in requirements, path.name
+
+
+def test_local_bases_gpu_uses_the_python_311_gpu_stand_in() -> None:
+    """--local-bases --gpu: the GPU base image is the local Python 3.11 stand-in (whose wheels the wheelhouse
+    has), not Docker Hub's Python 3.9 image; the wheelhouse fetches the GPU lists for CPython 3.11."""
+    compose = (DOCKER / "compose.sh").read_text()
+    assert "export CNNSERVE_TORCHSERVE_GPU_BASE_IMAGE=$LOCAL_TORCHSERVE_GPU_IMAGE" in compose
+    common = (DOCKER / "common.sh").read_text()
+    assert "LOCAL_TORCHSERVE_GPU_IMAGE=cnnserve-local/torchserve:0.12.0-gpu" in common
+    wheelhouse = (DOCKER / "wheelhouse.sh").read_text()
+    assert "--python-version 3.11 --abi cp311" in wheelhouse
+    assert "lists+=(torchserve-base-gpu worker-gpu)" in wheelhouse
+    for name in ("torchserve-base-gpu", "worker-gpu"):
+        assert (DOCKER / "requirements" / f"{name}.txt").exists()
+    base = (DOCKER / "local" / "Dockerfile.torchserve-base").read_text()
+    assert "ARG BASE_REQUIREMENTS=torchserve-base.txt" in base and "${BASE_REQUIREMENTS}" in base
+
+
+def test_docker_compose_gpu_override_with_local_bases_resolves_to_the_local_gpu_image() -> None:
+    binary = shutil.which("docker-compose")
+    assert binary is not None, "docker-compose is not installed (see test_docker_compose_accepts_the_files)"
+    env = {**compose_env(), "CNNSERVE_TORCHSERVE_GPU_BASE_IMAGE": "cnnserve-local/torchserve:0.12.0-gpu"}
+    result = subprocess.run(
+        [binary, "--project-directory", str(ROOT), *file_args([BASE, DOCKER / "compose.gpu.yml"]), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    torchserve = yaml.safe_load(result.stdout)["services"]["torchserve"]
+    assert torchserve["build"]["args"]["TORCHSERVE_BASE_IMAGE"] == "cnnserve-local/torchserve:0.12.0-gpu"
+    assert torchserve["build"]["args"]["WORKER_REQUIREMENTS"] == "worker-gpu.txt"
+    assert torchserve["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
 def test_host_network_override_listens_on_loopback_only() -> None:
     for name, service in services(DOCKER / "compose.host-network.yml").items():
         if name in ONE_SHOT:
@@ -217,7 +264,8 @@ def _pyproject_pins() -> dict[str, str]:
 
 @pytest.mark.parametrize("path", sorted((DOCKER / "requirements").glob("*.txt")), ids=lambda p: p.name)
 def test_image_pins_match_pyproject(path: Path) -> None:
-    """Images pin what pyproject.toml pins (for Python 3.11); torch is the CPU build on purpose."""
+    """Images pin what pyproject.toml pins (for Python 3.11); torch is the CPU build on purpose, except in the
+    GPU stand-in (torchserve-base-gpu.txt), which needs pyproject.toml's CUDA build."""
     pins = _pyproject_pins()
     for line in path.read_text().splitlines():
         requirement, _, marker = line.split("#")[0].partition(";")
@@ -227,7 +275,7 @@ def test_image_pins_match_pyproject(path: Path) -> None:
         assert version, f"{path.name}: {line} is not pinned"
         name = name.lower().replace("_", "-")
         if name == "torch":
-            assert version == "2.13.0+cpu", line
+            assert version == (pins["torch"] if "gpu" in path.name else "2.13.0+cpu"), line
         elif name in pins:
             assert version == pins[name], f"{path.name}: {name}=={version}, pyproject.toml {pins[name]}"
 

@@ -164,3 +164,30 @@ def test_export_refuses_tampered_weights(tmp_path: Path, lenet_checkpoint: Train
         stream.write(b"\x00\x00\x80\x7f")
     with pytest.raises(FailedPreconditionError, match="sha256"):
         export_checkpoint(copy, tmp_path / "out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the record holds a CUDA row")
+def test_without_cuda_the_parity_record_says_so(lenet_export: ExportResult) -> None:
+    for parity in (lenet_export.parity, json.loads((lenet_export.out / "parity.json").read_text())):
+        assert parity["cuda"] is None
+        assert "no CUDA device" in parity["cuda_reason"]
+        assert parity["passed"]
+    assert load_card(lenet_export.out).parity["cuda"] is None
+
+
+def test_cuda_parity_lists_runtimes_that_cannot_run_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, lenet_export: ExportResult, digits: ImageData
+) -> None:
+    """A runtime that falls back to the CPU (ONNX Runtime without CUDA provider) is listed, not compared."""
+    from cnnserve.preprocess import Preprocessing, prepare_images
+    from cnnserve_export import export
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _index=0: "stand-in")
+    monkeypatch.setattr(export, "CUDA_DEVICE", "cpu")  # every runtime then "falls back" to the CPU
+    card, model = export.load_trained_model(lenet_export.out)
+    inputs = prepare_images(digits.test_images[:64], Preprocessing.from_card(card))
+    report, reason = export.cuda_parity(model, lenet_export.out, ["onnx", "torchscript"], inputs)
+    assert reason is None and report is not None
+    assert report["not_on_cuda"] == ["onnx", "torchscript"] and report["formats"] == {}
+    assert report["tf32"] is False and report["max_abs_diff_limit"] == export.CUDA_MAX_ABS_DIFF == 1e-4

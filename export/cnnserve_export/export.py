@@ -8,6 +8,14 @@ the runner-up) is at most twice ``max_abs_diff`` is a near tie: logits that each
 may rank it either way (and do, between CPUs and kernels), so it is counted in ``near_ties`` and its top-1 is
 not compared; ``top1_agreement`` is over the clear samples.
 
+When CUDA is available at export time, the exports are also run on ``cuda:0`` and compared with the same
+eager CPU logits, recorded under ``parity["cuda"]``: with TF32 off (float32 kernels, set for the comparison
+and restored after) the tolerance is ``CUDA_MAX_ABS_DIFF``, the CPU gate's 1e-4, and the same near-tie rule
+applies; a CUDA format beyond it fails the export like a CPU one. A format whose runtime cannot run on CUDA
+(ONNX Runtime without its CUDA provider: ``onnxruntime`` instead of ``onnxruntime-gpu``) is listed in
+``not_on_cuda`` instead of compared. Without CUDA, ``parity["cuda"]`` is null and ``parity["cuda_reason"]``
+says why.
+
 An export directory holds ``model.pt``, ``model.onnx``, ``weights.safetensors`` (the trained weights, which
 the fine-tune endpoint starts from), ``parity.json`` and the model card updated with both.
 """
@@ -43,11 +51,16 @@ __all__ = [
     "check_parity",
     "compare_logits",
     "parity_failures",
+    "cuda_parity",
+    "CUDA_MAX_ABS_DIFF",
 ]
 
 PARITY_FILE = "parity.json"
 ONNX_OPSET = 18
 MAX_ABS_DIFF = 1e-4
+# CUDA runtimes against eager CPU, TF32 off: float32 kernels on both sides, so the CPU gate's tolerance.
+CUDA_MAX_ABS_DIFF = 1e-4
+CUDA_DEVICE = "cuda:0"
 
 
 class ParityError(CnnserveError):
@@ -178,6 +191,48 @@ def check_parity(
     return report
 
 
+def cuda_parity(
+    model: nn.Module,
+    export_dir: Path,
+    formats: Sequence[str],
+    inputs: torch.Tensor,
+    max_abs_diff: float = CUDA_MAX_ABS_DIFF,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The exports on CUDA against eager CPU, TF32 off: ``(report, None)``; ``(None, reason)`` without CUDA.
+
+    The report is :func:`check_parity`'s, plus the device and ``not_on_cuda`` (formats that fell back to CPU).
+    """
+    if not torch.cuda.is_available():
+        return None, "no CUDA device at export time (torch.cuda.is_available() is False)"
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        runtimes = [load_runtime(export_dir, fmt, device=CUDA_DEVICE) for fmt in formats]
+        on_cuda = [r for r in runtimes if str(getattr(r, "device", "")).startswith("cuda")]
+        report = check_parity(EagerRuntime(model), on_cuda, inputs, max_abs_diff=max_abs_diff)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    report.update(
+        device=CUDA_DEVICE,
+        gpu=torch.cuda.get_device_name(0),
+        tf32=False,
+        not_on_cuda=[r.format for r in runtimes if r not in on_cuda],
+    )
+    return report, None
+
+
+def _cuda_failures(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return []
+    limit = report["max_abs_diff_limit"]
+    return [
+        f"{fmt} on CUDA: max abs diff {row['max_abs_diff']:.2e} (limit {limit:g}), "
+        f"{row['top1_disagreements']} of {row['clear_samples']} clear samples differ"
+        for fmt, row in report["formats"].items()
+        if row["max_abs_diff"] > limit or row["top1_disagreements"] > 0
+    ]
+
+
 def export_checkpoint(
     checkpoint_dir: str | Path,
     out: str | Path,
@@ -210,7 +265,10 @@ def export_checkpoint(
     runtimes = [load_runtime(out, fmt, threads=2) for fmt in formats]
     report = check_parity(EagerRuntime(model), runtimes, inputs, max_abs_diff=max_abs_diff)
     report.update({"dataset": card.dataset.get("name"), "split": "test"})
-    failures = parity_failures(report, max_abs_diff)
+    report["cuda"], reason = cuda_parity(model, out, formats, inputs)
+    if reason is not None:
+        report["cuda_reason"] = reason
+    failures = parity_failures(report, max_abs_diff) + _cuda_failures(report["cuda"])
     report["passed"] = not failures
     (out / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
     card.exports = {fmt: EXPORT_FILES[fmt] for fmt in formats}

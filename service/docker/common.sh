@@ -3,6 +3,7 @@
 # The local stand-ins for Docker Hub's base images (service/docker/local-bases.sh builds them).
 LOCAL_PYTHON_IMAGE=cnnserve-local/python:3.11-bookworm
 LOCAL_TORCHSERVE_IMAGE=cnnserve-local/torchserve:0.12.0-cpu
+LOCAL_TORCHSERVE_GPU_IMAGE=cnnserve-local/torchserve:0.12.0-gpu  # local-bases.sh --gpu: CUDA torch, Python 3.11
 WHEELHOUSE=${CNNSERVE_WHEELHOUSE:-var/wheelhouse}
 WHEELHOUSE_PORT=${CNNSERVE_WHEELHOUSE_PORT:-3141}
 WHEELHOUSE_URL="http://127.0.0.1:${WHEELHOUSE_PORT}/"
@@ -40,3 +41,6 @@ offline_pip_args() {
 }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# Whether the wheelhouse has the GPU images' wheels too (wheelhouse.sh --gpu).
+wheelhouse_has_gpu() { [ -n "$(ls "$WHEELHOUSE"/onnxruntime_gpu-*.whl 2>/dev/null)" ]; }

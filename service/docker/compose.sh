@@ -12,7 +12,8 @@
 #   --local-bases   no Docker Hub and no package index in containers: base images from
 #                   service/docker/local-bases.sh (built when missing), wheels from service/docker/wheelhouse.sh
 #                   served on 127.0.0.1 for the duration of the command; builds use the host's network.
-#   --gpu           TorchServe on NVIDIA GPUs (compose.gpu.yml).
+#   --gpu           TorchServe on NVIDIA GPUs (compose.gpu.yml). With --local-bases: on the local GPU stand-in
+#                   (local-bases.sh --gpu, Python 3.11) with the GPU wheels (wheelhouse.sh --gpu).
 #
 # Example: service/docker/compose.sh --local-bases up -d --build
 set -euo pipefail
@@ -21,12 +22,13 @@ source service/docker/common.sh
 
 host_network=false
 local_bases=false
+gpu=false
 files=(-f docker-compose.yml)
 while [ $# -gt 0 ]; do
     case "$1" in
         --host-network) host_network=true ;;
         --local-bases) local_bases=true ;;
-        --gpu) files+=(-f service/docker/compose.gpu.yml) ;;
+        --gpu) gpu=true; files+=(-f service/docker/compose.gpu.yml) ;;
         --) shift; break ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) break ;;
@@ -40,13 +42,18 @@ export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-cnnserve}
 if $local_bases; then
     export CNNSERVE_PYTHON_BASE_IMAGE=$LOCAL_PYTHON_IMAGE
     export CNNSERVE_TORCHSERVE_BASE_IMAGE=$LOCAL_TORCHSERVE_IMAGE
+    export CNNSERVE_TORCHSERVE_GPU_BASE_IMAGE=$LOCAL_TORCHSERVE_GPU_IMAGE
+    bases_args=()
+    $gpu && bases_args+=(--gpu)
     export CNNSERVE_PIP_NO_INDEX=1 CNNSERVE_PIP_FIND_LINKS=$WHEELHOUSE_URL
     files+=(-f service/docker/compose.host-build.yml)
     case " $* " in
         *" build "* | *" up "* | *" run "* | *" create "*)  # commands that may build images
             image_exists "$LOCAL_PYTHON_IMAGE" && image_exists "$LOCAL_TORCHSERVE_IMAGE" \
-                || service/docker/local-bases.sh
-            [ -d "$WHEELHOUSE" ] || service/docker/wheelhouse.sh "$WHEELHOUSE"
+                && { ! $gpu || image_exists "$LOCAL_TORCHSERVE_GPU_IMAGE"; } \
+                || service/docker/local-bases.sh "${bases_args[@]}"
+            [ -d "$WHEELHOUSE" ] || service/docker/wheelhouse.sh "${bases_args[@]}" "$WHEELHOUSE"
+            ! $gpu || wheelhouse_has_gpu || service/docker/wheelhouse.sh --gpu "$WHEELHOUSE"
             trap stop_wheelhouse EXIT
             serve_wheelhouse
             ;;

@@ -4,21 +4,27 @@
 #   cnnserve-local/python:3.11-bookworm   Debian 12 (debootstrap, needs root) with Python 3.11 and venv:
 #                                         stands in for python:3.11-slim
 #   cnnserve-local/torchserve:0.12.0-cpu  the official TorchServe image's layout (local/Dockerfile.torchserve-base)
+#   cnnserve-local/torchserve:0.12.0-gpu  with --gpu: the same with the CUDA build of torch (Python 3.11, so
+#                                         the wheelhouse's cp311 wheels fit; pytorch/torchserve:0.12.0-gpu
+#                                         has Python 3.9)
 #
 # Needs: root, debootstrap, a running Docker engine, Debian's mirror (apt) and a wheelhouse
 # (service/docker/wheelhouse.sh, made here when missing). Images that exist are kept; --rebuild remakes them.
 #
-#   service/docker/local-bases.sh [--rebuild]
+#   service/docker/local-bases.sh [--rebuild] [--gpu]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source service/docker/common.sh
 
 rebuild=false
-case "${1:-}" in
-    --rebuild) rebuild=true ;;
-    "") ;;
-    *) die "usage: $0 [--rebuild]" ;;
-esac
+gpu=false
+for arg in "$@"; do
+    case "$arg" in
+        --rebuild) rebuild=true ;;
+        --gpu) gpu=true ;;
+        *) die "usage: $0 [--rebuild] [--gpu]" ;;
+    esac
+done
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 rootfs=${CNNSERVE_ROOTFS_DIR:-var/docker/rootfs-bookworm}
 mkdir -p var/docker
@@ -56,4 +62,18 @@ if $rebuild || ! image_exists "$LOCAL_TORCHSERVE_IMAGE"; then
 fi
 log "$LOCAL_TORCHSERVE_IMAGE: $(docker run --rm --network none --entrypoint torchserve \
     "$LOCAL_TORCHSERVE_IMAGE" --version)"
+
+if $gpu && { $rebuild || ! image_exists "$LOCAL_TORCHSERVE_GPU_IMAGE"; }; then
+    [ -d "$WHEELHOUSE" ] && wheelhouse_has_gpu || service/docker/wheelhouse.sh --gpu "$WHEELHOUSE"
+    serve_wheelhouse
+    log "building $LOCAL_TORCHSERVE_GPU_IMAGE (CUDA torch from the wheelhouse)"
+    mapfile -t pip_args < <(offline_pip_args)
+    docker build --network host --file service/docker/local/Dockerfile.torchserve-base \
+        --build-arg "PYTHON_BASE_IMAGE=$LOCAL_PYTHON_IMAGE" --build-arg BASE_REQUIREMENTS=torchserve-base-gpu.txt \
+        "${pip_args[@]}" --tag "$LOCAL_TORCHSERVE_GPU_IMAGE" . >var/docker/torchserve-base-gpu.log 2>&1 \
+        || { tail -30 var/docker/torchserve-base-gpu.log >&2; die "build failed: var/docker/torchserve-base-gpu.log"; }
+    stop_wheelhouse
+fi
+$gpu && log "$LOCAL_TORCHSERVE_GPU_IMAGE: $(docker run --rm --network none --entrypoint torchserve \
+    "$LOCAL_TORCHSERVE_GPU_IMAGE" --version)"
 log "local base images ready in $(( $(date +%s) - start )) s"
