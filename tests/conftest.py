@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cnnserve.torchserve import TorchServe, TorchServeSettings
-from cnnserve_export.config import TrainConfig
+from cnnserve_export.config import small_config
 from cnnserve_export.data import ImageData, load_dataset
 from cnnserve_export.export import ExportResult, export_checkpoint
 from cnnserve_export.train import TrainResult, train
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from tests.gateway_helpers import GatewayThread
 
 
-# torch's intra-op thread count as the session started (OMP_NUM_THREADS, else the cores). Code under test sets
-# it for the whole process (the handler's initialize, the bench's in-process rows, tests that pin it), so every test and every trained fixture starts from this
-# count whatever ran before: the same results in any test order.
+# torch's intra-op thread count as the session started (OMP_NUM_THREADS, else the cores). Code under test
+# sets it for the whole process (the handler's initialize, the bench's in-process rows, tests that pin it),
+# so every test and trained fixture starts from this count whatever ran before: the same results in any order.
 SESSION_THREADS = torch.get_num_threads()
 
 
@@ -43,9 +43,7 @@ def digits() -> ImageData:
 def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData) -> TrainResult:
     """LeNet trained on the bundled digits: seconds on CPU, > 90 % test accuracy."""
     out = tmp_path_factory.mktemp("lenet-ckpt")
-    config = TrainConfig(
-        model="lenet", dataset="digits", out=str(out), epochs=12, device="cpu", progress=False
-    )
+    config = small_config("lenet", str(out))
     with torch_threads(SESSION_THREADS):
         return train(config, data=digits, log=lambda _: None)
 
@@ -54,18 +52,7 @@ def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData
 def alexnet_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits: ImageData) -> TrainResult:
     """AlexNet (10 classes) after a few SGD steps on a small digits subset: real weights, not trained far."""
     out = tmp_path_factory.mktemp("alexnet-ckpt")
-    config = TrainConfig(
-        model="alexnet",
-        dataset="digits",
-        out=str(out),
-        max_steps=4,
-        batch_size=16,
-        lr=0.01,
-        train_subset=64,
-        eval_subset=64,
-        device="cpu",
-        progress=False,
-    )
+    config = small_config("alexnet", str(out))
     with torch_threads(SESSION_THREADS):
         return train(config, data=digits, log=lambda _: None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "ArchiveSettings", "default_settings"]
+__all__ = ["TrainConfig", "ArchiveSettings", "default_settings", "small_config"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,25 @@ class TrainConfig:
     dry_run: bool = False  # one batch of training and one of evaluation: a smoke test
     progress: bool | None = None  # tqdm bars; None: only when stdout is a terminal
     version: str = "1.0"
+
+
+def small_config(model: str, out: str, lenet_epochs: int = 12) -> TrainConfig:
+    """A model trained in seconds on CPU from the bundled digits: LeNet for ``lenet_epochs`` (12: > 90 % test
+    accuracy), AlexNet (10 classes) for 4 SGD steps on 64 images (real weights, not trained far). What the
+    tests' fixtures and the GPU check serve."""
+    if model == "alexnet":
+        return TrainConfig(
+            model="alexnet",
+            out=out,
+            max_steps=4,
+            batch_size=16,
+            lr=0.01,
+            train_subset=64,
+            eval_subset=64,
+            device="cpu",
+            progress=False,
+        )
+    return TrainConfig(model=model, out=out, epochs=lenet_epochs, device="cpu", progress=False)
 
 
 @dataclass(frozen=True)

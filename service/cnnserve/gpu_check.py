@@ -248,31 +248,15 @@ def section_versions() -> dict[str, Any]:
 
 def build_models(work: Path, quick: bool) -> Models:
     """LeNet (a few epochs) and AlexNet (a few steps) on the bundled digits, trained on CPU and exported."""
-    from cnnserve_export.config import TrainConfig
+    from cnnserve_export.config import small_config
     from cnnserve_export.data import load_dataset
     from cnnserve_export.export import export_checkpoint
     from cnnserve_export.train import train
 
     digits = load_dataset("digits")
     configs = {
-        "lenet": TrainConfig(
-            model="lenet",
-            out=str(work / "lenet-ckpt"),
-            epochs=3 if quick else 12,
-            device="cpu",
-            progress=False,
-        ),
-        "alexnet": TrainConfig(
-            model="alexnet",
-            out=str(work / "alexnet-ckpt"),
-            max_steps=4,
-            batch_size=16,
-            lr=0.01,
-            train_subset=64,
-            eval_subset=64,
-            device="cpu",
-            progress=False,
-        ),
+        "lenet": small_config("lenet", str(work / "lenet-ckpt"), lenet_epochs=3 if quick else 12),
+        "alexnet": small_config("alexnet", str(work / "alexnet-ckpt")),
     }
     exports: dict[str, Path] = {}
     parity: dict[str, Any] = {}
