@@ -40,7 +40,7 @@ from cnnserve.errors import (
     WorkerDiedError,
 )
 from cnnserve.gateway.backend import translate_error
-from cnnserve.gateway.core import Gateway
+from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.server import GatewayThread
 from cnnserve.gateway.settings import GatewaySettings
 from cnnserve.gateway.types import ClassifyCall, ModelInput, ModelStatus, TensorInput
@@ -203,6 +203,52 @@ def test_classify_retries_once_on_retryable_failures(inputs: int, failure: Cnnse
         with pytest.raises(type(failure)):
             await gateway.classify(_classify_call(inputs))
         assert len(twice.timeouts) == 2
+
+    asyncio.run(scenario())
+
+
+class HoldingBackend(ScriptedBackend):
+    """Holds its first ``held`` calls unanswered until their timeout (as TorchServe did after a worker was
+    killed under load), then answers."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.held = held
+
+    async def call(
+        self,
+        model: str,
+        version: str,
+        op: str,
+        meta: dict[str, Any],
+        payloads: Sequence[bytes],
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        self.timeouts.append(timeout)
+        if len(self.timeouts) <= self.held:
+            assert timeout is not None, "a held call without a bound would hang its caller"
+            await asyncio.sleep(timeout)
+            raise DeadlineExceededError("the deadline passed before the model answered")
+        return _canned(payloads)
+
+
+@pytest.mark.parametrize("inputs", [1, 3], ids=["micro-batched", "direct"])
+def test_a_held_classify_is_retried_after_the_try_timeout_not_the_deadline(inputs: int) -> None:
+    async def scenario() -> None:
+        backend = HoldingBackend(held=1)
+        gateway = Gateway(backend, CoreSettings(try_timeout=0.2))
+        await gateway.start()
+        started = time.monotonic()
+        result = await gateway.classify(_classify_call(inputs), timeout=30.0)
+        assert len(result.predictions) == inputs and backend.timeouts == [0.2, 0.2]
+        assert time.monotonic() - started < 5.0  # the bound, a back-off and an answer; not the 30 s deadline
+        # The caller's own deadline, shorter than the bound, is final: no retry.
+        short = HoldingBackend(held=1)
+        gateway = Gateway(short, CoreSettings(try_timeout=10.0))
+        await gateway.start()
+        with pytest.raises(DeadlineExceededError):
+            await gateway.classify(_classify_call(inputs), timeout=0.2)
+        assert short.timeouts == [0.2]
 
     asyncio.run(scenario())
 

@@ -72,6 +72,10 @@ class CoreSettings:
     max_batch: int = 32  # inputs per micro-batch sent to TorchServe
     max_in_flight: int = 2  # micro-batches per model at TorchServe at once
     stream_parallelism: int = 8  # ClassifyStream requests in flight per stream
+    # Longest a Classify waits for one TorchServe answer before it retries (once); None: the caller's
+    # deadline. TorchServe can hold a request without answering (seen for ~60 s after a worker was killed
+    # under load), and a held micro-batch holds one of max_in_flight slots: a bound keeps the model flowing.
+    try_timeout: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -325,13 +329,17 @@ class Gateway:
         self, attempt: Callable[[float | None], Awaitable[ClassifyResult]], timeout: float | None
     ) -> ClassifyResult:
         """Classify is safe to repeat: one retry, after a short back-off, on a retryable failure (TorchServe
-        unreachable, a worker that died with the request, a full queue) when the deadline leaves time for it.
-        ``attempt`` takes the time left (None: no deadline)."""
+        unreachable, a worker that died with the request, a full queue, no answer within ``try_timeout``) when
+        the deadline leaves time for it. ``attempt`` takes the time it may use (None: no limit)."""
         started = time.monotonic()
+        bound = self.settings.try_timeout
+        cut_short = bound is not None and (timeout is None or bound < timeout)
         try:
-            return await attempt(timeout)
+            return await attempt(bound if cut_short else timeout)
         except CnnserveError as exc:
-            if not exc.retryable:
+            # A deadline that was our bound, not the caller's, says TorchServe held the request: try again.
+            held = cut_short and isinstance(exc, DeadlineExceededError)
+            if not (exc.retryable or held):
                 raise
             delay = _RETRY_BACKOFF_S * random.uniform(0.5, 1.5)
             left = None if timeout is None else timeout - (time.monotonic() - started)
@@ -342,6 +350,8 @@ class Gateway:
                     raise
             log.info("retrying a classify call once in %.0f ms: %s", delay * 1000, exc.message)
             await asyncio.sleep(delay)
+            if bound is not None and (left is None or bound < left):
+                left = bound
             return await attempt(left)
 
     async def _classify_direct(self, call: ClassifyCall, top_k: int, timeout: float | None) -> ClassifyResult:

@@ -306,7 +306,10 @@ async def create_server(
     core = Gateway(
         backend,
         CoreSettings(
-            max_inputs=settings.max_inputs, max_batch=settings.max_batch, max_in_flight=settings.max_in_flight
+            max_inputs=settings.max_inputs,
+            max_batch=settings.max_batch,
+            max_in_flight=settings.max_in_flight,
+            try_timeout=settings.backend_try_timeout or None,
         ),
         on_batch=lambda model, size: metrics.batch_inputs.labels(model).observe(size),
     )

@@ -7,6 +7,7 @@ argument parser, the settings object and the README's configuration table all co
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -36,6 +37,7 @@ class GatewaySettings:
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
     health_interval: float = 2.0
+    backend_try_timeout: float = 10.0  # 0: no bound but the caller's deadline
 
 
 # name -> (environment variable, meaning)
@@ -69,6 +71,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "how long a keepalive ping may go unanswered",
     ),
     "health_interval": ("CNNSERVE_GATEWAY_HEALTH_SECONDS", "how often model health is read from TorchServe"),
+    "backend_try_timeout": (
+        "CNNSERVE_GATEWAY_BACKEND_TRY_SECONDS",
+        "longest a Classify waits for one TorchServe answer before retrying once; 0: the caller's deadline",
+    ),
 }
 
 
@@ -109,4 +115,6 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     for name in ("max_message_mb", "max_concurrent_rpcs", "max_inputs", "max_batch", "max_in_flight"):
         if getattr(settings, name) < 1:
             raise InvalidInputError.for_field(name, "must be at least 1")
+    if not (math.isfinite(settings.backend_try_timeout) and settings.backend_try_timeout >= 0):
+        raise InvalidInputError.for_field("backend_try_timeout", "must be a number of seconds >= 0")
     return settings
