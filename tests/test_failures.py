@@ -150,10 +150,13 @@ def _canned(payloads: Sequence[bytes]) -> dict[str, Any]:
 
 
 class ScriptedBackend:
-    """Raises ``failures`` in order, one per call, then answers; records each call's timeout."""
+    """Holds its first ``held`` calls unanswered until their timeout (as TorchServe did after a worker was
+    killed under load), raises ``failures`` in order, one per call, then answers; records each call's
+    timeout."""
 
-    def __init__(self, failures: Sequence[CnnserveError] = ()) -> None:
+    def __init__(self, failures: Sequence[CnnserveError] = (), held: int = 0) -> None:
         self.failures = list(failures)
+        self.held = held
         self.timeouts: list[float | None] = []
 
     async def call(
@@ -166,6 +169,10 @@ class ScriptedBackend:
         timeout: float | None,
     ) -> dict[str, Any]:
         self.timeouts.append(timeout)
+        if len(self.timeouts) <= self.held:
+            assert timeout is not None, "a held call without a bound would hang its caller"
+            await asyncio.sleep(timeout)
+            raise DeadlineExceededError("the deadline passed before the model answered")
         if self.failures:
             raise self.failures.pop(0)
         return _canned(payloads)
@@ -207,35 +214,10 @@ def test_classify_retries_once_on_retryable_failures(inputs: int, failure: Cnnse
     asyncio.run(scenario())
 
 
-class HoldingBackend(ScriptedBackend):
-    """Holds its first ``held`` calls unanswered until their timeout (as TorchServe did after a worker was
-    killed under load), then answers."""
-
-    def __init__(self, held: int) -> None:
-        super().__init__()
-        self.held = held
-
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        self.timeouts.append(timeout)
-        if len(self.timeouts) <= self.held:
-            assert timeout is not None, "a held call without a bound would hang its caller"
-            await asyncio.sleep(timeout)
-            raise DeadlineExceededError("the deadline passed before the model answered")
-        return _canned(payloads)
-
-
 @pytest.mark.parametrize("inputs", [1, 3], ids=["micro-batched", "direct"])
 def test_a_held_classify_is_retried_after_the_try_timeout_not_the_deadline(inputs: int) -> None:
     async def scenario() -> None:
-        backend = HoldingBackend(held=1)
+        backend = ScriptedBackend(held=1)
         gateway = Gateway(backend, CoreSettings(try_timeout=0.2))
         await gateway.start()
         started = time.monotonic()
@@ -243,7 +225,7 @@ def test_a_held_classify_is_retried_after_the_try_timeout_not_the_deadline(input
         assert len(result.predictions) == inputs and backend.timeouts == [0.2, 0.2]
         assert time.monotonic() - started < 5.0  # the bound, a back-off and an answer; not the 30 s deadline
         # The caller's own deadline, shorter than the bound, is final: no retry.
-        short = HoldingBackend(held=1)
+        short = ScriptedBackend(held=1)
         gateway = Gateway(short, CoreSettings(try_timeout=10.0))
         await gateway.start()
         with pytest.raises(DeadlineExceededError):

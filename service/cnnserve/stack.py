@@ -41,7 +41,6 @@ __all__ = [
     "GatewayClient",
     "gateway_client",
     "certificate_names",
-    "health_status",
     "torchserve_wiring",
     "gateway_flags",
     "GatewayProcess",
@@ -166,11 +165,6 @@ def _health(client: GatewayClient, service: str, timeout: float) -> tuple[str | 
             return connected.health(service), ""
     except CnnserveError as error:
         return None, f"{error.kind.code_name}: {error.message}"
-
-
-def health_status(client: GatewayClient, service: str = "", timeout: float = 2.0) -> str | None:
-    """The gRPC health status name of ``service`` at the gateway (None when it does not answer)."""
-    return _health(client, service, timeout)[0]
 
 
 # ---- the gateway process -------------------------------------------------------------------------------
