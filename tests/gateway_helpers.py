@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
-from cnnserve.gateway.backend import Backend
+from cnnserve.deployment import torchserve_wiring
+from cnnserve.gateway.backend import Backend, Reply, Request
 from cnnserve.gateway.server import GatewayThread
 from cnnserve.gateway.settings import GatewaySettings
 from cnnserve.gateway.types import ModelStatus
-from cnnserve.stack import torchserve_wiring
 from cnnserve.torchserve import TorchServe
 
 __all__ = ["GatewayThread", "HeldBackend", "hold_backend", "settings_for"]
@@ -21,6 +21,7 @@ def settings_for(torchserve: TorchServe, **overrides: Any) -> GatewaySettings:
     base = GatewaySettings(
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",  # every test gateway on free ports: many run at once
         **torchserve_wiring(torchserve.settings),
         health_interval=0.5,
         grace_period=5.0,
@@ -48,23 +49,15 @@ class HeldBackend:
         """Let the waiting calls through, and every later one."""
         self._open.set()
 
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        if op in self.ops:
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
+        if request.op in self.ops:
             self.arrived += 1
             self.waiting += 1
             try:
                 await self._open.wait()
             finally:
                 self.waiting -= 1
-        return await self.inner.call(model, version, op, meta, payloads, timeout)
+        return await self.inner.call(model, version, request, timeout)
 
     async def models(self) -> list[ModelStatus]:
         return await self.inner.models()

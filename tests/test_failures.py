@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -27,6 +27,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cnnserve.contract import ClassifyReply, ClassifyRequest, ClassScore
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
@@ -39,12 +40,12 @@ from cnnserve.errors import (
     UnavailableError,
     WorkerDiedError,
 )
-from cnnserve.gateway.backend import translate_error
+from cnnserve.gateway.backend import Reply, Request, translate_error
 from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.server import GatewayThread
 from cnnserve.gateway.settings import GatewaySettings
 from cnnserve.gateway.types import ClassifyCall, ModelInput, ModelStatus, TensorInput
-from cnnserve.serving.service import Reply
+from cnnserve.serving.service import Reply as WorkerReply
 from cnnserve.torchserve import TorchServe, TorchServeSettings
 from cnnserve.v1 import classifier_pb2 as pb
 from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -139,14 +140,9 @@ def test_only_connection_failures_and_dead_workers_are_unavailable() -> None:
 # ---- the core: retries and health re-checks, with a scripted backend --------------------------------------
 
 
-def _canned(payloads: Sequence[bytes]) -> dict[str, Any]:
-    top = [{"label": "3", "index": 3, "probability": 0.9}]
-    return {
-        "model": "lenet",
-        "version": "1.0",
-        "revision": 0,
-        "predictions": [{"top_k": top}] * len(payloads),
-    }
+def _canned(request: ClassifyRequest) -> ClassifyReply:
+    top = (ClassScore("3", 3, 0.9),)
+    return ClassifyReply("lenet", "1.0", 0, (top,) * len(request.inputs))
 
 
 class ScriptedBackend:
@@ -159,15 +155,7 @@ class ScriptedBackend:
         self.held = held
         self.timeouts: list[float | None] = []
 
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
         self.timeouts.append(timeout)
         if len(self.timeouts) <= self.held:
             assert timeout is not None, "a held call without a bound would hang its caller"
@@ -175,7 +163,8 @@ class ScriptedBackend:
             raise DeadlineExceededError("the deadline passed before the model answered")
         if self.failures:
             raise self.failures.pop(0)
-        return _canned(payloads)
+        assert isinstance(request, ClassifyRequest)
+        return cast(Reply, _canned(request))
 
     async def models(self) -> list[ModelStatus]:
         return [ModelStatus("lenet", "1.0", ("1.0",), 1, 1)]
@@ -289,10 +278,10 @@ class _Context:
 class _BrokenService:
     name = "lenet"
 
-    def __init__(self, outcome: BaseException | list[Reply]) -> None:
+    def __init__(self, outcome: BaseException | list[WorkerReply]) -> None:
         self.outcome = outcome
 
-    def handle(self, requests: Sequence[Any]) -> list[Reply]:
+    def handle(self, requests: Sequence[Any]) -> list[WorkerReply]:
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -302,7 +291,7 @@ class _BrokenService:
     ("outcome", "status", "code"),
     [
         (ValueError("Out of range float values are not JSON compliant"), 500, "INTERNAL"),
-        ([Reply(200, b"{}")], 500, "INTERNAL"),  # one reply for a batch of three
+        ([WorkerReply(200, b"{}")], 500, "INTERNAL"),  # one reply for a batch of three
         (MemoryError(), 429, "RESOURCE_EXHAUSTED"),
         (NotFoundError("revision 7 does not exist"), 404, "NOT_FOUND"),
     ],
@@ -365,6 +354,7 @@ def canned_gateway() -> Iterator[GatewayThread]:
     settings = GatewaySettings(
         listen="127.0.0.1:0",
         metrics_listen="off",
+        http_listen="off",
         torchserve="127.0.0.1:1",
         torchserve_management="127.0.0.1:1",
         token="s3cret",

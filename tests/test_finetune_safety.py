@@ -23,8 +23,9 @@ import torch
 
 from cnnserve.card import load_card
 from cnnserve.client import ClassifierClient
+from cnnserve.contract import FineTuneRequest, parse_request
 from cnnserve.errors import FailedPreconditionError, InvalidInputError
-from cnnserve.gateway import converters
+from cnnserve.gateway.converters import FineTuneRequestConverter, FineTuneResponseConverter
 from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.inprocess import InProcessBackend
 from cnnserve.gateway.types import FineTuneCall, FineTuneResult, ModelInput
@@ -32,7 +33,6 @@ from cnnserve.models.lenet import LeNet
 from cnnserve.preprocess import Preprocessing, prepare_images
 from cnnserve.serving.config import service_config
 from cnnserve.serving.finetune import DEFAULT_MAX_LR, DivergedStepError, StepSettings, sgd_step
-from cnnserve.serving.protocol import FineTuneRequest, parse_request
 from cnnserve.serving.revisions import RevisionStore
 from cnnserve.serving.service import ModelService, ServiceConfig
 from cnnserve.torchserve import TorchServe, TorchServeSettings
@@ -272,16 +272,20 @@ def test_max_grad_norm_is_parsed_and_checked() -> None:
 
 
 def test_converters_carry_max_grad_norm_and_grad_clipped() -> None:
+    to_call, to_request = FineTuneRequestConverter.to_types, FineTuneRequestConverter.from_types
     call = FineTuneCall("lenet", (ModelInput(image=b"x"),), (1,), lr=0.1, max_grad_norm=2.5)
-    assert converters.finetune_call(converters.finetune_request(call)).max_grad_norm == 2.5
+    assert to_call(to_request(call)).max_grad_norm == 2.5
     unset = replace(call, max_grad_norm=None)
-    assert not converters.finetune_request(unset).HasField("max_grad_norm")
-    assert converters.finetune_call(converters.finetune_request(unset)).max_grad_norm is None
-    zero = converters.finetune_request(call)
+    assert not to_request(unset).HasField("max_grad_norm")
+    assert to_call(to_request(unset)).max_grad_norm is None
+    zero = to_request(call)
     zero.max_grad_norm = 0.0
-    assert converters.finetune_call(zero).max_grad_norm is None
-    result = FineTuneResult("lenet", "1.0", 3, 2, 3, 2.0, 1.5, 0.5, 7.0, False, "id", grad_clipped=True)
-    assert converters.finetune_result(converters.finetune_response(result)).grad_clipped
+    assert to_call(zero).max_grad_norm is None
+    result = FineTuneResult(
+        "lenet", "1.0", 3, 2, 3, 2.0, 1.5, 0.5, 7.0, 8, "all", 0.1, grad_clipped=True, max_grad_norm=2.5
+    )
+    back = FineTuneResponseConverter.to_types(FineTuneResponseConverter.from_types(result))
+    assert back == result and back.grad_clipped and back.max_grad_norm == 2.5
 
 
 # ---- the worker, in-process -------------------------------------------------------------------------

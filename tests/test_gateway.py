@@ -117,9 +117,9 @@ def test_classify_stream_answers_in_order(client: ClassifierClient, digits: Imag
     ("model", "shape", "params"), [("lenet", (), 61_706), ("alexnet", (3, 224, 224), 57_044_810)]
 )
 def test_get_layer_shapes(model: str, shape: tuple[int, ...], params: int, client: ClassifierClient) -> None:
-    reply = client.layer_shapes(model, shape)
-    assert reply.total_parameters == params
-    assert list(reply.layers[0].output_shape) == ([6, 28, 28] if model == "lenet" else [64, 55, 55])
+    table = client.layer_shapes(model, shape).table
+    assert table.total_parameters == params
+    assert list(table.layers[0].output_shape) == ([6, 28, 28] if model == "lenet" else [64, 55, 55])
     with pytest.raises(InvalidInputError) as caught:
         client.layer_shapes(model, (3, 32, 32) if model == "alexnet" else (1, 8, 8))
     assert ("features.12" if model == "alexnet" else "features.3") in caught.value.message
@@ -164,16 +164,18 @@ def test_list_and_get_models(client: ClassifierClient) -> None:
     models = {m.name: m for m in client.list_models()}
     assert set(models) == {"lenet", "alexnet"}
     assert models["lenet"].ready_workers == 2 and models["lenet"].serving
-    model = client.get_model("lenet")
+    details = client.get_model("lenet")
+    model = details.info
     assert list(model.input_shape) == [1, 32, 32] and list(model.labels) == [str(i) for i in range(10)]
     assert (
-        model.parity.passed
-        and model.parity.samples >= 64
-        and set(model.parity.formats) == {"onnx", "torchscript"}
+        model.parity["passed"]
+        and model.parity["samples"] >= 64
+        and set(model.parity["formats"]) == {"onnx", "torchscript"}
     )
-    assert model.serving_format == "onnx" and model.device == "cpu" and model.fine_tuning
+    assert model.format == "onnx" and model.device == "cpu" and model.fine_tuning
     assert list(model.formats) == ["onnx"]  # an archive carries the format it serves
-    assert list(model.status.versions) == ["1.0"]
+    assert list(details.status.versions) == ["1.0"]
+    assert len(model.base_sha256) == 64 and model.retention > 0
 
 
 # ---- micro-batching -----------------------------------------------------------------------------------
@@ -351,6 +353,7 @@ def test_backend_down_is_unavailable(tmp_path: Path, digits: ImageData) -> None:
     settings = GatewaySettings(
         listen="127.0.0.1:0",
         metrics_listen="off",
+        http_listen="off",
         torchserve=f"127.0.0.1:{ports[0]}",
         torchserve_management=f"127.0.0.1:{ports[1]}",
         torchserve_key_file="",

@@ -6,13 +6,13 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cnnserve.errors import DeadlineExceededError, InvalidInputError, NotFoundError, UnavailableError
+from cnnserve.gateway.backend import Reply, Request
 from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.inprocess import InProcessBackend
 from cnnserve.gateway.types import ClassifyCall, FineTuneCall, ModelInput, ShapesCall, TensorInput
@@ -132,20 +132,12 @@ class FlakyBackend(InProcessBackend):
         self.failures = failures
         self.seen: list[dict[str, Any]] = []
 
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        self.seen.append(json.loads(json.dumps(meta)))
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
+        self.seen.append(json.loads(json.dumps(request.meta())))
         if self.failures > 0:
             self.failures -= 1
             raise UnavailableError("worker died")
-        return await super().call(model, version, op, meta, payloads, timeout)
+        return await super().call(model, version, request, timeout)
 
 
 def test_classify_is_retried_once(backend: InProcessBackend, digits: ImageData) -> None:
@@ -215,11 +207,15 @@ def test_the_gateway_does_not_import_torch() -> None:
 
 
 def test_layer_table_survives_the_wire() -> None:
-    """The handler's table -> GetLayerShapesResponse -> the client's LayerTable: nothing lost."""
-    from cnnserve.gateway import converters
+    """The handler's table -> its JSON reply -> the gateway -> GetLayerShapesResponse -> the client's table:
+    nothing lost on either hop."""
+    from cnnserve.contract import ShapesReply, ShapesRequest, encode_json, read_reply
+    from cnnserve.gateway.converters import ShapesResponseConverter
     from cnnserve.models import build_model
     from cnnserve.shapes import layer_shapes
 
     table = layer_shapes(build_model("alexnet", num_classes=10), (3, 224, 224))
-    response = converters.shapes_response(table.to_dict() | {"model": "alexnet", "version": "1.0"})
-    assert converters.layer_table(response) == table
+    sent = ShapesReply("alexnet", "1.0", table)
+    received = read_reply(ShapesRequest(), encode_json(sent.to_json()))
+    assert received == sent
+    assert ShapesResponseConverter.to_types(ShapesResponseConverter.from_types(received)) == sent

@@ -1,9 +1,10 @@
-"""``cnnserve serve`` and ``cnnserve stop``: the supervisor, its clients of the gateway (TLS, token), and
-recovery from a dead TorchServe or gateway.
+"""The deployment (``cnnserve.deployment``), ``cnnserve serve`` and ``cnnserve stop``: the gateway wired to
+its TorchServe, the supervisor, its clients of the gateway (TLS, token), and recovery from a dead TorchServe
+or gateway.
 
-The first tests need no TorchServe (the supervisor over stand-in processes, the client wiring, refusals);
-the rest run ``cnnserve serve`` as a user does, on free ports with their own state directory, and most on a
-LeNet-only store to keep TorchServe's start-ups short.
+The first tests need no TorchServe (the wiring, the supervisor over stand-in processes, the client wiring,
+refusals); the rest start a real deployment, most by running ``cnnserve serve`` as a user does, on free
+ports with their own state directory, and most on a LeNet-only store to keep TorchServe's start-ups short.
 """
 
 from __future__ import annotations
@@ -21,10 +22,25 @@ from pathlib import Path
 import pytest
 
 from cnnserve.client import ClassifierClient
-from cnnserve.errors import CnnserveError, FailedPreconditionError, UnauthenticatedError, UnavailableError
+from cnnserve.deployment import (
+    Deployment,
+    RestartPolicy,
+    Supervisor,
+    gateway_client,
+    gateway_flags,
+    served_models,
+    wire_gateway,
+)
+from cnnserve.errors import (
+    CnnserveError,
+    FailedPreconditionError,
+    InvalidInputError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from cnnserve.gateway.settings import GatewaySettings
 from cnnserve.processes import alive, describe_exit, free_ports, read_pid, tail
-from cnnserve.stack import RestartPolicy, Supervisor, gateway_client
+from cnnserve.torchserve import TorchServeSettings
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
 from tests.helpers import cnnserve, png_bytes
@@ -91,6 +107,106 @@ def test_gateway_client_follows_tls_token_and_the_certificate_names(tmp_path: Pa
         FailedPreconditionError, match=r"gateway\.example\.com.*subjectAltName for 127\.0\.0\.1"
     ):
         gateway_client(GatewaySettings(listen="0.0.0.0:1", tls_cert=str(elsewhere), tls_key=str(key)))
+
+
+def torchserve_on(tmp_path: Path, store: Path | None = None, **overrides: object) -> TorchServeSettings:
+    """TorchServe settings on made-up ports 7001-7005 (nothing here starts it)."""
+    store = store or tmp_path / "store"
+    return TorchServeSettings.with_ports(
+        store, tmp_path / "torchserve", tmp_path / "revisions", [7001, 7002, 7003, 7004, 7005], **overrides
+    )
+
+
+@pytest.mark.parametrize("token_auth", [True, False])
+def test_a_deployment_wires_its_gateway_to_its_torchserve_and_keeps_the_rest(
+    tmp_path: Path, token_auth: bool
+) -> None:
+    torchserve = torchserve_on(tmp_path, token_auth=token_auth)
+    user = GatewaySettings(
+        listen="0.0.0.0:50051",
+        metrics_listen="off",
+        torchserve="elsewhere:1",  # what a user's environment may say: the deployment's TorchServe wins
+        torchserve_management="elsewhere:2",
+        torchserve_key_file="/nowhere/key_file.json",
+        token="s3cret",
+        max_batch=7,
+    )
+    deployment = Deployment(torchserve, user, tmp_path / "state")
+    assert deployment.gateway is not None
+    wired = deployment.gateway.settings
+    key_file = str((tmp_path / "torchserve" / "key_file.json").resolve()) if token_auth else ""
+    assert wired == wire_gateway(user, torchserve)
+    assert (wired.torchserve, wired.torchserve_management, wired.torchserve_key_file) == (
+        "127.0.0.1:7004",
+        "127.0.0.1:7005",
+        key_file,
+    )
+    assert (wired.listen, wired.metrics_listen, wired.token, wired.max_batch) == (
+        "0.0.0.0:50051",
+        "off",
+        "s3cret",
+        7,
+    )
+    # The gateway process gets these as flags, but the token: it travels in the environment.
+    flags = gateway_flags(wired)
+    assert flags[flags.index("--torchserve") + 1] == "127.0.0.1:7004"
+    assert flags[flags.index("--max-batch") + 1] == "7"
+    assert "--token" not in flags and "s3cret" not in flags
+    assert deployment.gateway_client == {"target": "127.0.0.1:50051", "token": "s3cret", "tls_ca": None}
+    assert deployment.gateway_target == "127.0.0.1:50051"
+    assert (deployment.grpc_target, deployment.http_url) == ("127.0.0.1:7004", "http://127.0.0.1:7001")
+    assert [child.name for child in deployment.children] == ["TorchServe", "the gateway"]
+    assert deployment.pids() == {}  # nothing started
+    deployment.stop()  # stopping what never started does nothing
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_deployment_without_a_gateway_is_torchserve_alone(tmp_path: Path) -> None:
+    deployment = Deployment(torchserve_on(tmp_path), None, tmp_path / "state")
+    assert deployment.gateway is None and deployment.gateway_client is None
+    assert deployment.gateway_target is None
+    assert [child.name for child in deployment.children] == ["TorchServe"]
+
+
+def test_a_deployment_refuses_a_gateway_on_port_0(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="fixed port") as caught:
+        Deployment(torchserve_on(tmp_path), GatewaySettings(listen="127.0.0.1:0"), tmp_path / "state")
+    assert caught.value.violations[0].field == "listen"
+
+
+def test_a_deployment_waits_for_the_models_its_torchserve_loads(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("lenet", "alexnet", "lenet-batched"):
+        (store / f"{name}.mar").write_bytes(b"")
+    (store / "notes.txt").write_text("not an archive")
+    everything = torchserve_on(tmp_path, store)
+    assert served_models(everything) == ("alexnet", "lenet", "lenet-batched")
+    assert served_models(torchserve_on(tmp_path, store, models=("lenet",))) == ("lenet",)
+    deployment = Deployment(everything, None, tmp_path / "state")
+    assert deployment.models == ("alexnet", "lenet", "lenet-batched")
+    (store / "mnist.mar").write_bytes(b"")  # read at each start, as TorchServe reads its store
+    assert list(deployment.models) == ["alexnet", "lenet", "lenet-batched", "mnist"]
+    assert Deployment(everything, None, tmp_path / "state", models=["lenet"]).models == ("lenet",)
+
+
+def test_the_benchmark_runs_a_deployment_with_its_gateway_args(tmp_path: Path) -> None:
+    from cnnserve.bench.servers import Artifacts, ServerStack
+
+    artifacts = Artifacts({}, bench_store=tmp_path / "bench_store")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "old-revision").write_text("from the last run")
+    stack = ServerStack(artifacts, tmp_path / "state", ["--max-in-flight=4", "--torchserve=elsewhere:1"])
+    assert not (tmp_path / "state").exists()  # every run starts from the trained base
+    deployment = stack.deployment
+    assert deployment.gateway is not None
+    wired = deployment.gateway.settings
+    assert wired.max_in_flight == 4 and wired.torchserve == stack.grpc_target  # wired, whatever was given
+    assert stack.gateway_target == wired.listen and stack.gateway_client["target"] == wired.listen
+    assert stack.metrics_url == f"http://{wired.metrics_listen}/metrics"
+    assert stack.models == ("lenet", "lenet-batched", "alexnet", "alexnet-batched")
+    with pytest.raises(InvalidInputError, match="not a `cnnserve gateway` flag: --warp-drive"):
+        ServerStack(artifacts, tmp_path / "state", ["--warp-drive"])
 
 
 def test_restart_policy_backs_off_up_to_a_cap() -> None:
@@ -236,7 +352,7 @@ def lenet_store(tmp_path_factory: pytest.TempPathFactory, lenet_export: ExportRe
 
 def serve_flags(model_store: Path, state: Path, *extra: str) -> tuple[list[str], str]:
     """``cnnserve serve`` flags on free ports (and the gateway's address)."""
-    ports = [str(port) for port in free_ports(7)]
+    ports = [str(port) for port in free_ports(8)]
     target = f"127.0.0.1:{ports[5]}"
     flags = [
         "--model-store", str(model_store),
@@ -248,6 +364,7 @@ def serve_flags(model_store: Path, state: Path, *extra: str) -> tuple[list[str],
         "--grpc-management-port", ports[4],
         "--listen", target,
         "--metrics-listen", f"127.0.0.1:{ports[6]}",
+        "--http-listen", f"127.0.0.1:{ports[7]}",
         "--no-build",
         *extra,
     ]  # fmt: skip
@@ -283,6 +400,34 @@ def classify_within(client: ClassifierClient, image: bytes, deadline: float) -> 
             if time.monotonic() > deadline:
                 raise AssertionError(f"no Classify by the deadline: {error}") from error
             time.sleep(0.1)
+
+
+@pytest.mark.torchserve
+@pytest.mark.slow
+def test_a_deployment_starts_both_answers_through_the_gateway_and_stops_both(
+    lenet_store: Path, tmp_path: Path, digits: ImageData
+) -> None:
+    """What the benchmark runs (and serve supervises): started once, both processes up, then both gone."""
+    ports = free_ports(6)
+    torchserve = TorchServeSettings.with_ports(
+        lenet_store, tmp_path / "torchserve", tmp_path / "revisions", ports[:5]
+    )
+    gateway = GatewaySettings(
+        listen=f"127.0.0.1:{ports[5]}", metrics_listen="off", http_listen="off", token="t0k"
+    )
+    state = tmp_path / "state"
+    with Deployment(torchserve, gateway, state) as deployment:
+        assert deployment.start(ready_timeout=300)
+        pids = deployment.pids()
+        assert set(pids) == {"torchserve", "gateway"} and all(alive(pid) for pid in pids.values())
+        assert read_pid(state / "gateway.pid") == pids["gateway"]
+        assert read_pid(tmp_path / "torchserve" / "torchserve.pid") == pids["torchserve"]
+        assert deployment.gateway_client is not None
+        with ClassifierClient(**deployment.gateway_client, timeout=60) as client:
+            assert client.classify("lenet", [digit_png(digits)]).model == "lenet"
+    assert deployment.pids() == {}
+    assert not any(alive(pid) for pid in pids.values())
+    assert not (state / "gateway.pid").exists() and not (tmp_path / "torchserve" / "torchserve.pid").exists()
 
 
 @pytest.mark.torchserve

@@ -85,6 +85,22 @@ def test_training_is_reproducible(tmp_path: Path, digits: ImageData) -> None:
     assert shas[0] == shas[1]
 
 
+def test_each_epoch_logs_the_learning_rate_its_last_step_used(tmp_path: Path, digits: ImageData) -> None:
+    """Cosine decay over 3 epochs of 2 steps: the row of the epoch ending at step s logs step s-1's rate
+    (the last one applied), not step s's; the final epoch's is above zero, which a cosine reaches only after
+    the last step."""
+    subset = digits.subset(train=128, test=32, seed=0)
+    config = TrainConfig(out=str(tmp_path), epochs=3, batch_size=64, lr=0.05, device="cpu", progress=False)
+    result = train(config, data=subset, log=lambda _: None)
+    assert [row["step"] for row in result.history] == [2, 4, 6]
+    for row in result.history:
+        used = 0.5 * config.lr * (1.0 + math.cos(math.pi * (row["step"] - 1) / 6))
+        assert row["lr"] == pytest.approx(used, rel=1e-12)
+    assert result.history[-1]["lr"] > 0.0
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [row["lr"] for row in result.history]
+
+
 def test_dry_run_takes_one_step(tmp_path: Path, digits: ImageData) -> None:
     result = train(
         TrainConfig(out=str(tmp_path), dry_run=True, progress=False), data=digits, log=lambda _: None

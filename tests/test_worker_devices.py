@@ -133,7 +133,7 @@ def test_a_gpu_worker_without_cuda_serves_on_cpu_and_warns(
     assert warned and "torch.cuda.is_available() is false" in warned[0].getMessage()
     assert handler.service is not None
     info = handler.service.info()
-    assert (info["device"], info["provider"], info["requested_device"]) == (
+    assert (info.device, info.provider, info.requested_device) == (
         "cpu",
         "CPUExecutionProvider",
         "cuda:0",
@@ -268,13 +268,24 @@ def test_a_gpu_archive_on_a_cpu_machine_says_cpu(lenet_export: ExportResult, tmp
 
 
 def test_get_model_carries_the_device_really_used() -> None:
-    from cnnserve.gateway.converters import model_message
+    from cnnserve.contract import ModelInfo
+    from cnnserve.gateway.converters import ModelConverter
     from cnnserve.gateway.types import ModelDetails, ModelStatus
 
-    info = {"device": "cpu", "provider": "CPUExecutionProvider", "requested_device": "cuda:0"}
-    message = model_message(ModelDetails(ModelStatus("lenet", "1.0", ("1.0",), 1, 1), info))
+    info = ModelInfo.from_json(
+        {
+            "model": "lenet",
+            "version": "1.0",
+            "device": "cpu",
+            "provider": "CPUExecutionProvider",
+            "requested_device": "cuda:0",
+        }
+    )
+    details = ModelDetails(ModelStatus("lenet", "1.0", ("1.0",), 1, 1), info)
+    message = ModelConverter.from_types(details)
     assert (message.device, message.provider, message.requested_device) == (
         "cpu",
         "CPUExecutionProvider",
         "cuda:0",
     )
+    assert ModelConverter.to_types(message).info.device == "cpu"  # and back, as the client reads it

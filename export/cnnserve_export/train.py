@@ -6,7 +6,7 @@ directory holds:
 
 - ``weights.safetensors``   the trained weights
 - ``model_card.json``       architecture, input, labels, normalisation, data, recipe, results, sha256
-- ``metrics.jsonl``         one line per epoch (loss, accuracy, learning rate, seconds)
+- ``metrics.jsonl``         one line per epoch (loss, accuracy, the learning rate of its last step, seconds)
 - ``curves.png``            loss and accuracy curves
 """
 
@@ -27,13 +27,22 @@ from torch import nn
 
 from cnnserve.card import WEIGHTS_FILE, ModelCard, Normalization, save_card
 from cnnserve.errors import InvalidInputError
-from cnnserve.models import get_spec
+from cnnserve.models import ModelSpec, get_spec
 from cnnserve.preprocess import Preprocessing, prepare_images
 from cnnserve.weights import save_weights
 from cnnserve_export.config import TrainConfig
 from cnnserve_export.data import ImageData, load_dataset
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "resolve_device", "measure_normalization"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "EpochStats",
+    "train",
+    "train_epoch",
+    "evaluate",
+    "resolve_device",
+    "measure_normalization",
+]
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -143,15 +152,58 @@ def _validate(config: TrainConfig, data: ImageData) -> int:
     return num_classes
 
 
-def train(
-    config: TrainConfig,
-    data: ImageData | None = None,
-    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
-) -> TrainResult:
-    """Train as ``config`` says and write the checkpoint to ``config.out``.
+@dataclass(frozen=True)
+class _Schedule:
+    """How many optimizer steps a run takes, over how many epochs, and the learning rate of each step."""
 
-    ``data`` may be given to skip loading (tests pass a small in-memory subset).
-    """
+    config: TrainConfig
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, train_size: int) -> _Schedule:
+        steps_per_epoch = math.ceil(train_size / config.batch_size)
+        total_steps = 1 if config.dry_run else (config.max_steps or steps_per_epoch * config.epochs)
+        return cls(config, steps_per_epoch, total_steps)
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based)."""
+        return _learning_rate(self.config, step, self.total_steps)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every phase of one run reads: the data, its preprocessing, the model and its optimizer."""
+
+    spec: ModelSpec
+    device: torch.device
+    data: ImageData
+    labels: list[str]
+    normalization: Normalization
+    pre: Preprocessing
+    arch_args: dict[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the data order and augmentation draws, seeded apart from the weights
+    schedule: _Schedule
+    augment: bool
+    flip: bool
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    step: int  # optimizer steps taken by the end of the epoch
+    loss: float  # mean training cross-entropy over the epoch's images (at each batch's pre-step weights)
+    accuracy: float
+    lr: float  # the learning rate of the epoch's last step (nan if it took none)
+
+
+def _setup(config: TrainConfig, data: ImageData | None, log: Callable[[str], None]) -> _Setup:
+    """Load and check the data, measure its normalization, seed, and build the model and optimizer."""
     spec = get_spec(config.model)
     device = resolve_device(config.device)
     if data is None:
@@ -166,9 +218,8 @@ def train(
     num_classes = _validate(config, data)
     if config.train_subset or config.eval_subset:
         data = data.subset(config.train_subset, config.eval_subset, seed=config.seed)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
 
+    # The global seed decides the initial weights (and dropout); the generator decides order and augmentation.
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     labels = data.labels + [f"class_{i}" for i in range(data.num_classes, num_classes)]
@@ -179,67 +230,95 @@ def train(
         f"{config.model} on {data.name}: {len(data.train_targets)} train / {len(data.test_targets)} test "
         f"images, {num_classes} classes, device {device}, mean {normalization.mean} std {normalization.std}"
     )
-
     arch_args = {**spec.default_args, "num_classes": num_classes}
     model = spec.builder(**arch_args).to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    steps_per_epoch = math.ceil(len(data.train_targets) / config.batch_size)
-    total_steps = 1 if config.dry_run else (config.max_steps or steps_per_epoch * config.epochs)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    flip = config.augment and data.name == "fashion-mnist"
-    augment = config.augment and data.train_images.shape[-1] >= 28  # digits at 8x8 are too small to shift
-    show_progress = sys.stdout.isatty() if config.progress is None else config.progress
-    eval_batches = 1 if config.dry_run else None
+    return _Setup(
+        spec=spec,
+        device=device,
+        data=data,
+        labels=labels,
+        normalization=normalization,
+        pre=pre,
+        arch_args=arch_args,
+        model=model,
+        optimizer=optimizer,
+        generator=generator,
+        schedule=_Schedule.of(config, len(data.train_targets)),
+        augment=config.augment and data.train_images.shape[-1] >= 28,  # digits at 8x8 are too small to shift
+        flip=config.augment and data.name == "fashion-mnist",
+    )
 
+
+def train_epoch(run: _Setup, config: TrainConfig, epoch: int, step: int, show_progress: bool) -> EpochStats:
+    """One pass over the shuffled training images (epoch ``epoch``, 1-based), stopping at the schedule's last
+    step; ``step`` is the number of optimizer steps taken before it."""
     from tqdm import tqdm
 
+    model, optimizer, data, schedule = run.model, run.optimizer, run.data, run.schedule
+    model.train()
+    order = torch.randperm(len(data.train_targets), generator=run.generator)
+    loss_sum, correct, seen = 0.0, 0, 0
+    lr = float("nan")
+    batches = range(0, len(order), config.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{schedule.epochs}", disable=not show_progress, leave=False)
+    for start in bar:
+        if step >= schedule.total_steps:
+            break
+        index = order[start : start + config.batch_size]
+        raw = data.train_images[index]
+        if run.augment:
+            raw = _augment(raw, run.generator, run.flip)
+        inputs = prepare_images(raw, run.pre).to(run.device)
+        targets = data.train_targets[index].to(run.device)
+        lr = schedule.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        step += 1
+        loss_sum += loss.item() * len(targets)
+        correct += int((logits.argmax(dim=1) == targets).sum())
+        seen += len(targets)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return EpochStats(step, loss_sum / max(seen, 1), correct / max(seen, 1), lr)
+
+
+def _fit(
+    config: TrainConfig, run: _Setup, metrics_path: Path, log: Callable[[str], None]
+) -> list[dict[str, float]]:
+    """Every epoch: train, evaluate on the test images, append the epoch's row to ``metrics_path``."""
+    epochs = run.schedule.epochs
+    show_progress = sys.stdout.isatty() if config.progress is None else config.progress
+    eval_batches = 1 if config.dry_run else None
     history: list[dict[str, float]] = []
-    metrics_path = out / METRICS_FILE
     metrics_path.write_text("")
     step = 0
-    train_loss = float("nan")
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(data.train_targets), generator=generator)
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = range(0, len(order), config.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not show_progress, leave=False)
-        for start in bar:
-            if step >= total_steps:
-                break
-            index = order[start : start + config.batch_size]
-            raw = data.train_images[index]
-            if augment:
-                raw = _augment(raw, generator, flip)
-            inputs = prepare_images(raw, pre).to(device)
-            targets = data.train_targets[index].to(device)
-            lr = _learning_rate(config, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item() * len(targets)
-            correct += int((logits.argmax(dim=1) == targets).sum())
-            seen += len(targets)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        train_loss = loss_sum / max(seen, 1)
+        stats = train_epoch(run, config, epoch, step, show_progress)
+        step = stats.step
         test_loss, test_accuracy = evaluate(
-            model, data.test_images, data.test_targets, pre, device, config.eval_batch_size, eval_batches
+            run.model,
+            run.data.test_images,
+            run.data.test_targets,
+            run.pre,
+            run.device,
+            config.eval_batch_size,
+            eval_batches,
         )
         row = {
             "epoch": epoch,
             "step": step,
-            "lr": _learning_rate(config, step, total_steps),
-            "train_loss": round(train_loss, 6),
-            "train_accuracy": round(correct / max(seen, 1), 6),
+            "lr": stats.lr,
+            "train_loss": round(stats.loss, 6),
+            "train_accuracy": round(stats.accuracy, 6),
             "test_loss": round(test_loss, 6),
             "test_accuracy": round(test_accuracy, 6),
             "seconds": round(time.perf_counter() - started, 3),
@@ -248,45 +327,70 @@ def train(
         with metrics_path.open("a") as stream:
             stream.write(json.dumps(row) + "\n")
         log(
-            f"epoch {epoch}/{epochs} step {step}: train loss {train_loss:.4f}, "
+            f"epoch {epoch}/{epochs} step {step}: train loss {stats.loss:.4f}, "
             f"test loss {test_loss:.4f}, test accuracy {test_accuracy:.2%}"
         )
-    wall_seconds = time.perf_counter() - started
+    return history
 
-    model.eval()
-    sha256 = save_weights(model.state_dict(), out / WEIGHTS_FILE)
+
+def _save_checkpoint(
+    config: TrainConfig, run: _Setup, history: list[dict[str, float]], out: Path, wall_seconds: float
+) -> ModelCard:
+    """The weights and the model card that describes them."""
+    run.model.eval()
+    sha256 = save_weights(run.model.state_dict(), out / WEIGHTS_FILE)
+    last = history[-1]
     card = ModelCard(
         name=config.name or config.model,
         architecture=config.model,
-        arch_args=arch_args,
-        input_shape=spec.input_shape,
-        resize=spec.resize,
-        pad=spec.pad,
-        labels=labels,
-        normalization=normalization,
+        arch_args=run.arch_args,
+        input_shape=run.spec.input_shape,
+        resize=run.spec.resize,
+        pad=run.spec.pad,
+        labels=run.labels,
+        normalization=run.normalization,
         weights_sha256=sha256,
         version=config.version,
         dataset={
-            "name": data.name,
-            "source": data.source,
-            "train_size": len(data.train_targets),
-            "test_size": len(data.test_targets),
+            "name": run.data.name,
+            "source": run.data.source,
+            "train_size": len(run.data.train_targets),
+            "test_size": len(run.data.test_targets),
             "seed": config.seed,
         },
         training={
             **{k: v for k, v in asdict(config).items() if k not in ("out", "progress", "data_dir", "name")},
-            "steps": step,
+            "steps": int(last["step"]),
             "epochs_run": len(history),
-            "final_train_loss": round(train_loss, 6),
-            "test_loss": history[-1]["test_loss"],
-            "test_accuracy": history[-1]["test_accuracy"],
+            "final_train_loss": last["train_loss"],
+            "test_loss": last["test_loss"],
+            "test_accuracy": last["test_accuracy"],
             "wall_seconds": round(wall_seconds, 2),
-            "device": str(device),
+            "device": str(run.device),
             "torch_version": torch.__version__,
         },
     )
     save_card(card, out)
-    _plot_curves(history, out / CURVES_FILE, title=f"{config.model} on {data.name}")
+    return card
+
+
+def train(
+    config: TrainConfig,
+    data: ImageData | None = None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> TrainResult:
+    """Train as ``config`` says and write the checkpoint to ``config.out``.
+
+    ``data`` may be given to skip loading (tests pass a small in-memory subset).
+    """
+    run = _setup(config, data, log)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    history = _fit(config, run, out / METRICS_FILE, log)
+    wall_seconds = time.perf_counter() - started
+    card = _save_checkpoint(config, run, history, out, wall_seconds)
+    _plot_curves(history, out / CURVES_FILE, title=f"{config.model} on {run.data.name}")
     return TrainResult(out=out, card=card, history=history)
 
 

@@ -8,15 +8,17 @@
         result = client.classify("lenet", [open("digit.png", "rb").read()], top_k=3)
         print(result.revision, result.predictions[0][0].label)
         step = client.finetune_step("lenet", images, labels=[3, 1, 4], lr=0.01)
-        table = client.layer_shapes("alexnet", (3, 224, 224))
+        print(client.layer_shapes("alexnet", (3, 224, 224)).table.format())
 
 Inputs are encoded image bytes, or :class:`~cnnserve.gateway.types.TensorInput` (float32, the model's
-preprocessed input). Failures raise :class:`cnnserve.errors.CnnserveError` subclasses, rebuilt from the
+preprocessed input). Every call returns the gateway's domain types (:mod:`cnnserve.gateway.types`), never
+protobuf. Failures raise :class:`cnnserve.errors.CnnserveError` subclasses, rebuilt from the
 gRPC status (with the field violations of INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -25,25 +27,43 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from cnnserve.contract import DEFAULT_MOMENTUM, DEFAULT_TOP_K, DEFAULT_TRAIN_LAYERS, DEFAULT_WEIGHT_DECAY
 from cnnserve.errors import CnnserveError, ErrorKind, FieldViolation, error_from_kind
-from cnnserve.gateway import converters
+from cnnserve.gateway.converters import (
+    ClassifyRequestConverter,
+    ClassifyResponseConverter,
+    FineTuneRequestConverter,
+    FineTuneResponseConverter,
+    ModelConverter,
+    ModelStatusConverter,
+    RevisionChangeConverter,
+    RevisionListConverter,
+    ShapesRequestConverter,
+    ShapesResponseConverter,
+)
 from cnnserve.gateway.types import (
     ClassifyCall,
     ClassifyResult,
     FineTuneCall,
     FineTuneResult,
+    ModelDetails,
     ModelInput,
     ModelStatus,
     RevisionChange,
     RevisionList,
+    ShapesCall,
+    ShapesResult,
     TensorInput,
 )
 from cnnserve.v1 import classifier_pb2 as pb
 from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
-__all__ = ["ClassifierClient", "error_from_rpc"]
+__all__ = ["ClassifierClient", "LB_POLICIES", "error_from_rpc"]
 
 T = TypeVar("T")
+# gRPC's load-balancing policies over the addresses a target resolves to: pick_first holds one connection
+# (one gateway); round_robin spreads calls over all of them (a headless Kubernetes Service, say).
+LB_POLICIES = ("pick_first", "round_robin")
 InputLike = bytes | TensorInput | ModelInput
 
 
@@ -75,7 +95,12 @@ def error_from_rpc(error: grpc.RpcError) -> CnnserveError:
 
 
 class ClassifierClient:
-    """Blocking client; ``token`` is sent as a bearer token, ``tls_ca`` (PEM path) turns TLS on."""
+    """Blocking client; ``token`` is sent as a bearer token, ``tls_ca`` (PEM path) turns TLS on.
+
+    ``lb_policy="round_robin"`` with a target that resolves to several gateways
+    (``dns:///cnnserve-gateway-headless.cnnserve.svc.cluster.local:50051``) spreads calls over all of them;
+    a plain Service or one address keeps every call on one connection (gRPC balances connections, not calls).
+    """
 
     def __init__(
         self,
@@ -83,10 +108,14 @@ class ClassifierClient:
         token: str | None = None,
         tls_ca: str | None = None,
         timeout: float = 30.0,
+        lb_policy: str = LB_POLICIES[0],
     ) -> None:
-        options = [
+        if lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, not {lb_policy!r}")
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", 64 * 2**20),
             ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{lb_policy: {}}]})),
         ]
         if tls_ca:
             with open(tls_ca, "rb") as stream:
@@ -120,7 +149,7 @@ class ClassifierClient:
         self,
         model: str,
         inputs: Sequence[InputLike],
-        top_k: int = 5,
+        top_k: int = DEFAULT_TOP_K,
         revision: int | None = None,
         min_revision: int | None = None,
         version: str = "",
@@ -129,27 +158,26 @@ class ClassifierClient:
         call = ClassifyCall(
             model, tuple(_model_input(i) for i in inputs), version, top_k, revision, min_revision
         )
-        return converters.classify_result(
-            self._call(self._stub.Classify, converters.classify_request(call), timeout)
-        )
+        request = ClassifyRequestConverter.from_types(call)
+        return ClassifyResponseConverter.to_types(self._call(self._stub.Classify, request, timeout))
 
     def classify_stream(
         self, calls: Iterable[ClassifyCall], timeout: float | None = None
     ) -> Iterator[ClassifyResult]:
         """Bulk classification: results in the order of ``calls``."""
-        requests = (converters.classify_request(call) for call in calls)
+        requests = (ClassifyRequestConverter.from_types(call) for call in calls)
         try:
             for response in self._stub.ClassifyStream(requests, timeout=timeout, metadata=self._metadata):
-                yield converters.classify_result(response)
+                yield ClassifyResponseConverter.to_types(response)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
     def layer_shapes(
         self, model: str, input_shape: Sequence[int] = (), version: str = "", timeout: float | None = None
-    ) -> pb.GetLayerShapesResponse:
-        request = pb.GetLayerShapesRequest(model=model, version=version, input_shape=list(input_shape))
-        response: pb.GetLayerShapesResponse = self._call(self._stub.GetLayerShapes, request, timeout)
-        return response
+    ) -> ShapesResult:
+        """The layer table (``result.table``) for ``input_shape`` (empty: the model's own)."""
+        request = ShapesRequestConverter.from_types(ShapesCall(model, version, tuple(input_shape)))
+        return ShapesResponseConverter.to_types(self._call(self._stub.GetLayerShapes, request, timeout))
 
     def finetune_step(
         self,
@@ -157,9 +185,9 @@ class ClassifierClient:
         inputs: Sequence[InputLike],
         labels: Sequence[int],
         lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        train_layers: str = "all",
+        momentum: float = DEFAULT_MOMENTUM,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        train_layers: str = DEFAULT_TRAIN_LAYERS,
         request_id: str = "",
         expected_revision: int | None = None,
         version: str = "",
@@ -186,32 +214,31 @@ class ClassifierClient:
             expected_revision=expected_revision,
             max_grad_norm=max_grad_norm,
         )
-        response = self._call(self._stub.FineTuneStep, converters.finetune_request(call), timeout)
-        return converters.finetune_result(response)
+        request = FineTuneRequestConverter.from_types(call)
+        return FineTuneResponseConverter.to_types(self._call(self._stub.FineTuneStep, request, timeout))
 
     def list_models(self, timeout: float | None = None) -> list[ModelStatus]:
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [converters.model_status(m) for m in response.models]
+        return [ModelStatusConverter.to_types(m) for m in response.models]
 
-    def get_model(self, model: str, version: str = "", timeout: float | None = None) -> pb.Model:
-        response: pb.Model = self._call(
-            self._stub.GetModel, pb.GetModelRequest(model=model, version=version), timeout
-        )
-        return response
+    def get_model(self, model: str, version: str = "", timeout: float | None = None) -> ModelDetails:
+        """The model's status and serving facts (``details.info``: card, device, parity, head revision)."""
+        request = pb.GetModelRequest(model=model, version=version)
+        return ModelConverter.to_types(self._call(self._stub.GetModel, request, timeout))
 
     def list_revisions(self, model: str, version: str = "", timeout: float | None = None) -> RevisionList:
         request = pb.ListRevisionsRequest(model=model, version=version)
-        return converters.revision_list(self._call(self._stub.ListRevisions, request, timeout))
+        return RevisionListConverter.to_types(self._call(self._stub.ListRevisions, request, timeout))
 
     def rollback(
         self, model: str, to_revision: int, version: str = "", timeout: float | None = None
     ) -> RevisionChange:
         request = pb.RollbackRequest(model=model, version=version, to_revision=to_revision)
-        return converters.revision_change(self._call(self._stub.Rollback, request, timeout))
+        return RevisionChangeConverter.to_types(self._call(self._stub.Rollback, request, timeout))
 
     def reset(self, model: str, version: str = "", timeout: float | None = None) -> RevisionChange:
         request = pb.ResetRequest(model=model, version=version)
-        return converters.revision_change(self._call(self._stub.Reset, request, timeout))
+        return RevisionChangeConverter.to_types(self._call(self._stub.Reset, request, timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING or NOT_SERVING, for the gateway ('') or a model (``cnnserve.v1.Classifier/<model>``)."""

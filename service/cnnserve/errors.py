@@ -21,8 +21,9 @@ worker; a queue drains); the gateway retries a Classify once on these, and on no
 
 Anything that is not a ``CnnserveError`` is a bug: transports log its traceback and answer INTERNAL with a
 generic message (the TorchServe handler adds an error id that finds the traceback in the model log). The
-mapping to gRPC status codes lives in one place, ``cnnserve.gateway.status``; the HTTP codes below are what
-the TorchServe handler answers with, and the gateway maps them back with :func:`kind_from_http_status`.
+mapping to gRPC status codes lives in one place, ``cnnserve.gateway.status``; the HTTP codes are what the
+TorchServe handler answers with. Between the worker and the gateway an error travels as its kind's name in a
+JSON body (:func:`cnnserve.contract.error_json`), and :func:`error_from_kind` rebuilds it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ __all__ = [
     "WorkerDiedError",
     "InternalError",
     "error_from_kind",
-    "kind_from_http_status",
 ]
 
 
@@ -178,15 +178,3 @@ def error_from_kind(
 ) -> CnnserveError:
     """Rebuild the error another process reported (the handler's JSON error body, say)."""
     return _ERROR_BY_KIND[kind](message, violations=violations)
-
-
-def kind_from_http_status(status: int) -> ErrorKind:
-    """The error kind for an HTTP status the handler (or TorchServe itself) answered with."""
-    for kind in ErrorKind:
-        if kind.http_status == status:
-            return kind
-    if status == 400 or 400 < status < 500:
-        return ErrorKind.INVALID_ARGUMENT
-    if status in (502, 503):
-        return ErrorKind.UNAVAILABLE
-    return ErrorKind.INTERNAL

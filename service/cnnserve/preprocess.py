@@ -7,7 +7,6 @@ through exactly the resize, padding and normalisation that the training images w
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from cnnserve.card import ModelCard
+from cnnserve.contract import check_tensor
 from cnnserve.errors import InvalidInputError
 
 __all__ = [
@@ -172,9 +172,7 @@ def decode_tensor(
     A tensor input is the model's input as it is: already resized and normalised, so it must have exactly the
     model's input shape (a leading batch dimension of 1 is accepted) and finite values.
     """
-    dims = tuple(int(d) for d in shape)
-    if not dims or any(d <= 0 for d in dims):
-        raise InvalidInputError.for_field(f"{field}.shape", f"{list(dims)} is not a valid shape")
+    dims = check_tensor(data, shape, field)  # the contract's own checks: valid shape, length, finite
     if len(dims) == len(expected_shape) + 1 and dims[0] == 1:
         dims = dims[1:]
     if dims != tuple(expected_shape):
@@ -182,14 +180,5 @@ def decode_tensor(
             f"{field}.shape",
             f"shape {list(dims)} does not match the model's input shape {list(expected_shape)}",
         )
-    expected_bytes = math.prod(dims) * 4
-    if len(data) != expected_bytes:
-        raise InvalidInputError.for_field(
-            f"{field}.data",
-            f"{len(data)} bytes do not match shape {list(dims)}: expected {expected_bytes} "
-            "bytes of little-endian float32",
-        )
     array = np.frombuffer(data, dtype="<f4").reshape(dims)
-    if not np.isfinite(array).all():
-        raise InvalidInputError.for_field(f"{field}.data", "contains NaN or Inf values")
     return torch.from_numpy(array.astype(np.float32, copy=True))

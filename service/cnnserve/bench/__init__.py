@@ -5,7 +5,7 @@ Modules, each one job:
 - :mod:`~cnnserve.bench.results`: the result row, percentiles and repetition statistics;
 - :mod:`~cnnserve.bench.loadgen`: the closed-loop load generator (its own process: ``python -m``);
 - :mod:`~cnnserve.bench.echo`: the bare grpc.aio echo server, the transport floor (its own process);
-- :mod:`~cnnserve.bench.stack`: model artifacts, TorchServe, the gateway, CPU meters;
+- :mod:`~cnnserve.bench.servers`: model artifacts, TorchServe and the gateway, CPU meters;
 - :mod:`~cnnserve.bench.scenarios`: one function per scenario, each returning result rows;
 - :mod:`~cnnserve.bench.report`: target ratios, ``results.json``, ``README.md`` and the plots;
 - :mod:`~cnnserve.bench.harness`: the order things run in.

@@ -27,14 +27,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec
-from cnnserve.bench.report import TargetResult, evaluate_targets, write_plots, write_readme, write_results
+from cnnserve.bench.report import (
+    TargetResult,
+    describe_setup,
+    evaluate_targets,
+    write_plots,
+    write_readme,
+    write_results,
+)
 from cnnserve.bench.results import Row
 from cnnserve.bench.scenarios import Images
 from cnnserve.bench.settings import BenchSettings
 from cnnserve.errors import FailedPreconditionError
 
 if TYPE_CHECKING:
-    from cnnserve.stack import GatewayClient
+    from cnnserve.deployment import GatewayClient
 
 __all__ = ["Report", "run", "describe_machine"]
 
@@ -76,7 +83,8 @@ def describe_machine() -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
+        "cores": os.cpu_count(),  # machine CPU % is over all of them (100 % per core)
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -152,7 +160,7 @@ def _load_points(
     log: Log,
 ) -> Iterator[Row]:
     from cnnserve.bench.scenarios import load_point, model_tensors
-    from cnnserve.bench.stack import BATCHED_SUFFIX, CpuMeter, GatewayBatches
+    from cnnserve.bench.servers import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 
     budget = settings.budget
     meter = CpuMeter(servers.pids())
@@ -165,7 +173,7 @@ def _load_points(
     gateway_client = servers.gateway_client
 
     def spec(kind: str, target: str, model: str, concurrency: int, per_call: int = 1) -> LoadSpec:
-        to_gateway = kind == "gateway"
+        to_gateway = kind in ("gateway", "oip-grpc")
         return LoadSpec(
             kind=kind,
             target=target,
@@ -187,6 +195,10 @@ def _load_points(
             points: list[tuple[str, LoadSpec, dict[str, Any]]] = [
                 ("gateway", spec("gateway", servers.gateway_target, model, concurrency), gateway)
             ]
+            if model == "lenet":
+                # The same calls over the Open Inference Protocol: ModelInfer on the same gateway port.
+                oip = spec("oip-grpc", servers.gateway_target, model, concurrency)
+                points.append(("oip-grpc", oip, gateway))
             if stack is not None:
                 # The same calls to the -batched twin show what TorchServe's own batching adds behind it.
                 batched = spec("gateway", servers.gateway_target, model + BATCHED_SUFFIX, concurrency)
@@ -227,6 +239,14 @@ def _load_points(
                 batching=gateway["batching"],
                 inputs="tensor",
             )
+        if model == "lenet" and settings.wants("oip-grpc"):
+            # The gateway's 64-images call above, as one OIP ModelInfer of image BYTES [64].
+            per_call = BATCHED[model]
+            log(f"oip-grpc: {model}, {per_call} images per call, 1 client")
+            load = spec("oip-grpc", servers.gateway_target, model, 1, per_call)
+            yield load_point(
+                loadgen, load, "oip-grpc", meter, None, backend=backend, batching=gateway["batching"]
+            )
 
 
 def run(
@@ -235,7 +255,7 @@ def run(
     """Run the benchmark as ``settings`` say and write its results into ``settings.out``."""
     from cnnserve.bench import scenarios
     from cnnserve.bench.echo import EchoServer
-    from cnnserve.bench.stack import ServerStack, find_exports, inprocess_gateway, prepare_artifacts
+    from cnnserve.bench.servers import ServerStack, find_exports, inprocess_gateway, prepare_artifacts
 
     started = time.monotonic()
     machine = describe_machine()
@@ -256,7 +276,14 @@ def run(
 
     servers = _Servers()
     state_dir = work_dir / ("smoke-state" if settings.smoke else "state")
-    server_names = {"gateway", "torchserve-grpc", "torchserve-http", "grpc-echo", "finetune-gateway"}
+    server_names = {
+        "gateway",
+        "oip-grpc",
+        "torchserve-grpc",
+        "torchserve-http",
+        "grpc-echo",
+        "finetune-gateway",
+    }
     if any(settings.wants(name) for name in server_names):
         with LoadGenerator(work_dir / "loadgen.log") as loadgen:
             try:
@@ -287,7 +314,7 @@ def run(
             )
         )
 
-    targets = evaluate_targets(rows)
+    targets = evaluate_targets(rows, cores=machine["cores"])
     duration = time.monotonic() - started
     settings.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -299,7 +326,10 @@ def run(
             "models": list(settings.models),
             "only": sorted(settings.only) if settings.only else None,
             "gateway_args": list(settings.gateway_args),
+            "finetune_steps": settings.finetune_steps,
+            "cold_start_reps": settings.cold_start_reps,
         },
+        "setup": describe_setup(),
         "duration_s": round(duration, 1),
     }
     plots = write_plots(settings.out, rows)

@@ -14,7 +14,8 @@ Kinds of target (what each call is):
 - ``gateway``: ``cnnserve.v1.Classifier/Classify`` with ``images_per_call`` PNG images;
 - ``torchserve-grpc``: TorchServe's ``Predictions`` with ``input={"body": <png>}``, as a user would send it;
 - ``torchserve-http``: ``POST /predictions/<model>`` with the PNG as ``application/octet-stream``;
-- ``grpc-echo``: the echo server, sent the bytes of the ``gateway`` request and answered with them.
+- ``grpc-echo``: the echo server, sent the bytes of the ``gateway`` request and answered with them;
+- ``oip-grpc``: the gateway's ``inference.GRPCInferenceService/ModelInfer`` (:mod:`cnnserve.bench.oip`).
 
 This module imports grpc and the generated stubs only: no torch.
 """
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from cnnserve.contract import DEFAULT_TOP_K
 from cnnserve.gateway.types import Timing
 
 __all__ = [
@@ -46,7 +48,7 @@ __all__ = [
     "pooled_latencies",
 ]
 
-KINDS = ("gateway", "torchserve-grpc", "torchserve-http", "grpc-echo")
+KINDS = ("gateway", "torchserve-grpc", "torchserve-http", "grpc-echo", "oip-grpc")
 ECHO_METHOD = "/cnnserve.bench.Echo/Echo"
 _MAX_MESSAGE = 64 * 2**20
 
@@ -168,7 +170,9 @@ def _classify_requests(spec: LoadSpec) -> list[Any]:
     # Tensor calls are megabytes each: one request, sent again and again, keeps memory flat.
     distinct = 1 if spec.tensor_shape else max(1, min(len(spec.images), 64))
     return [
-        pb.ClassifyRequest(model=spec.model, inputs=[message(data) for data in _images_for(spec, i)], top_k=5)
+        pb.ClassifyRequest(
+            model=spec.model, inputs=[message(data) for data in _images_for(spec, i)], top_k=DEFAULT_TOP_K
+        )
         for i in range(distinct)
     ]
 
@@ -323,6 +327,10 @@ def _client(spec: LoadSpec) -> _Client:
         return _TorchServeGrpcClient(spec)
     if spec.kind == "torchserve-http":
         return _TorchServeHttpClient(spec)
+    if spec.kind == "oip-grpc":
+        from cnnserve.bench.oip import OipGrpcClient
+
+        return OipGrpcClient(spec)
     raise ValueError(f"unknown load kind {spec.kind!r} (known: {', '.join(KINDS)})")
 
 

@@ -34,6 +34,7 @@ SCENARIOS = (
     "torchserve-grpc",
     "torchserve-http",
     "gateway",
+    "oip-grpc",
     "grpc-echo",
     "finetune-inprocess",
     "finetune-sgd-step",

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec, pooled_latencies
 from cnnserve.bench.results import Row, load_row, percentile, timed_row
+from cnnserve.bench.servers import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 from cnnserve.bench.settings import Budget
-from cnnserve.bench.stack import BATCHED_SUFFIX, CpuMeter, GatewayBatches
 from cnnserve.processes import free_ports
 
 if TYPE_CHECKING:
-    from cnnserve.stack import GatewayClient
+    from cnnserve.deployment import GatewayClient
 
 __all__ = [
     "Images",
@@ -121,13 +121,13 @@ def service_inprocess(model: str, export_dir: Path, images: Images, count: int, 
     """
     import torch
 
-    from cnnserve.serving.protocol import envelope
+    from cnnserve.contract import ClassifyRequest, RawInput, envelope
     from cnnserve.serving.service import ModelService, ServiceConfig
 
     torch.set_num_threads(1)
     service = ModelService(export_dir, ServiceConfig(), name=model)
     pngs = [images.png[i % len(images.png)] for i in range(count)]
-    request = envelope("classify", {"inputs": [{"kind": "image"}] * count, "top_k": 5}, pngs)
+    request = envelope(ClassifyRequest(tuple(RawInput(png) for png in pngs)))
 
     def call() -> None:
         (reply,) = service.handle([request])
@@ -201,8 +201,8 @@ def finetune_inprocess(export_dir: Path, images: Images, budget: Budget, steps: 
     import torch
 
     from cnnserve.card import load_card
+    from cnnserve.contract import FineTuneRequest, RawInput, envelope
     from cnnserve.serving.finetune import StepSettings, sgd_step
-    from cnnserve.serving.protocol import envelope
     from cnnserve.serving.service import ModelService, ServiceConfig
     from cnnserve.weights import load_into, load_weights
 
@@ -214,16 +214,13 @@ def finetune_inprocess(export_dir: Path, images: Images, budget: Budget, steps: 
         step = iter(range(1_000_000))
 
         def service_step() -> None:
-            meta = {
-                "inputs": [{"kind": "image"}] * count,
-                "labels": list(images.labels),
-                "lr": FINETUNE_LR,
-                "momentum": 0.9,
-                "weight_decay": 0.0,
-                "train_layers": "all",
-                "request_id": f"bench-{next(step)}",  # the gateway always sends one: same lookups
-            }
-            (reply,) = service.handle([envelope("finetune", meta, images.png)])
+            request = FineTuneRequest(
+                tuple(RawInput(png) for png in images.png),
+                tuple(images.labels),
+                FINETUNE_LR,
+                request_id=f"bench-{next(step)}",  # the gateway always sends one: same lookups
+            )
+            (reply,) = service.handle([envelope(request)])
             if reply.status != 200:
                 raise RuntimeError(f"fine-tune step failed: {reply.body[:200]!r}")
 

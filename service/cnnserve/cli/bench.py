@@ -10,12 +10,6 @@ from cnnserve.cli._output import EXIT_ERROR, EXIT_OK, emit
 
 __all__ = ["register"]
 
-# Kept here, not imported from cnnserve.bench, so that `cnnserve --help` imports nothing heavy.
-_SCENARIOS = (
-    "ort-inprocess, torchscript-inprocess, service-inprocess, torchserve-grpc, torchserve-http, gateway, "
-    "grpc-echo, finetune-inprocess, finetune-sgd-step, finetune-gateway, cold-start"
-)
-
 
 def _positive_float(text: str) -> float:
     value = float(text)
@@ -76,7 +70,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--models", default="lenet,alexnet", help="comma-separated models (--smoke: LeNet only)"
     )
-    parser.add_argument("--only", help=f"comma-separated scenarios to run (default: all of {_SCENARIOS})")
+    from cnnserve.bench.results import SCENARIOS  # plain data (numpy at most): the one list
+
+    parser.add_argument(
+        "--only", help=f"comma-separated scenarios to run (default: all of {', '.join(SCENARIOS)})"
+    )
     parser.add_argument(
         "--gateway-arg",
         action="append",
@@ -88,10 +86,24 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cold-start-reps", type=_at_least_three, default=3, help="cold starts measured")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a measured target is missed")
     parser.add_argument("--json", action="store_true", help="print the targets and rows as JSON")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: re-render README.md and the plots in --out (default docs/bench) from the "
+        "results.json there",
+    )
     parser.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.report_only:
+        from cnnserve.bench.report import RESULTS_FILE, render
+
+        out = Path(args.out or "docs/bench")
+        files = render(out / RESULTS_FILE)
+        emit(args, {"out": str(out), "files": [str(path) for path in files]}, f"rendered {out}")
+        return EXIT_OK
+
     import logging
     from dataclasses import asdict
 

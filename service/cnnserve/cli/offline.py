@@ -114,6 +114,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: Any) -> None:
+    # The defaults only (cnnserve_export.config imports nothing heavy): no torch while the CLI starts.
+    from cnnserve_export.config import (
+        DEFAULT_CALIBRATION_SIZE,
+        DEFAULT_MAX_ACCURACY_DROP,
+        DEFAULT_MIN_AGREEMENT,
+    )
+
     parser = subparsers.add_parser(
         "export",
         help="export a checkpoint to TorchScript and ONNX and check parity",
@@ -128,20 +135,57 @@ def _add_export(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="export directory to write")
     parser.add_argument("--parity-samples", type=_positive_int, default=64, help="real test images compared")
     parser.add_argument("--max-abs-diff", type=float, default=1e-4)
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated fp32,int8: each is measured on the held-out split (accuracy, top-1 agreement "
+        "with eager fp32) and refused past the gate below; int8 is static QDQ quantization calibrated on "
+        "training images (docs/precision.md)",
+    )
+    parser.add_argument(
+        "--calibration-size",
+        type=_positive_int,
+        default=DEFAULT_CALIBRATION_SIZE,
+        help="training images int8 is calibrated on (a seeded sample, saved as indices with the export)",
+    )
+    parser.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one int8 scale per weight tensor instead of one per output channel",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=DEFAULT_MAX_ACCURACY_DROP,
+        help="refuse a precision whose test accuracy is more than this many points below eager fp32's",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=DEFAULT_MIN_AGREEMENT,
+        help="refuse a precision whose top-1 agreement with eager fp32 (clear held-out samples) is lower",
+    )
     parser.add_argument("--json", action="store_true", help="print the parity report as JSON")
     parser.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from cnnserve_export.export import export_checkpoint
+    from cnnserve_export.quantize import PrecisionGate
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     result = export_checkpoint(
         args.checkpoint,
         args.out,
         formats=formats,
         parity_samples=args.parity_samples,
         max_abs_diff=args.max_abs_diff,
+        precisions=precisions if "onnx" in formats else (),
+        calibration_size=args.calibration_size,
+        per_channel=args.per_channel,
+        gate=PrecisionGate(args.max_accuracy_drop, args.min_agreement),
     )
 
     def text() -> str:
@@ -155,6 +199,19 @@ def _run_export(args: argparse.Namespace) -> int:
                 f"  {fmt:<12} max abs diff {diff:.2e}  top-1 agreement {agreement:.2%} "
                 f"on {row['clear_samples']} clear samples ({row['near_ties']} near ties not compared)"
             )
+        report = result.parity.get("precisions")
+        if report:
+            held_out = report["held_out"]
+            lines.append(
+                f"precisions on the {held_out['samples']} held-out {held_out['split']} images "
+                f"(eager fp32 accuracy {report['eager_accuracy']:.2%}):"
+            )
+            for precision, row in report["precisions"].items():
+                lines.append(
+                    f"  {precision:<12} accuracy {row['accuracy']:.2%}  top-1 agreement "
+                    f"{row['top1_agreement']:.2%} on {row['clear_samples']} clear samples "
+                    f"({row['near_ties']} near ties)  {row['seconds']:.2f} s"
+                )
         return "\n".join(lines)
 
     emit(args, result.parity, text)
@@ -185,19 +242,12 @@ def _add_shapes(subparsers: Any) -> None:
 
 
 def _remote_shapes(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
-    from cnnserve.gateway.converters import layer_table
     from cnnserve.layer_table import parse_shape
 
     shape = parse_shape(args.input) if args.input else ()
     with connect(args) as client:
         reply = client.layer_shapes(args.model, shape)
-    data = json_format.MessageToDict(
-        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    table = layer_table(reply)
-    emit(args, data, lambda: f"{reply.model} v{reply.version} (served)\n{table.format()}")
+    emit(args, reply.to_json(), lambda: f"{reply.model} v{reply.version} (served)\n{reply.table.format()}")
     return EXIT_OK
 
 

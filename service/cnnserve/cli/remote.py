@@ -11,10 +11,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnserve.cli._output import EXIT_OK, emit
+from cnnserve.client import LB_POLICIES
+from cnnserve.contract import DEFAULT_MOMENTUM, DEFAULT_TOP_K
 from cnnserve.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from cnnserve.gateway.types import ModelDetails
 
 __all__ = ["register", "add_target_arguments", "connect"]
 
@@ -43,13 +48,25 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-ca", default=os.environ.get("CNNSERVE_GATEWAY_TLS_CA", ""), help="CA bundle: use TLS"
     )
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per call (the gRPC deadline)")
+    group.add_argument(
+        "--lb-policy",
+        choices=LB_POLICIES,
+        default=os.environ.get("CNNSERVE_LB_POLICY", LB_POLICIES[0]),
+        help="gRPC load balancing over the addresses --target resolves to (env CNNSERVE_LB_POLICY): "
+        "round_robin spreads calls over every gateway behind a DNS name with one address per replica, e.g. "
+        "dns:///cnnserve-gateway-headless.cnnserve.svc.cluster.local:50051 (docs/kubernetes.md)",
+    )
 
 
 def connect(args: argparse.Namespace) -> Any:
     from cnnserve.client import ClassifierClient
 
     return ClassifierClient(
-        args.target, token=args.token or None, tls_ca=args.tls_ca or None, timeout=args.timeout
+        args.target,
+        token=args.token or None,
+        tls_ca=args.tls_ca or None,
+        timeout=args.timeout,
+        lb_policy=args.lb_policy,
     )
 
 
@@ -92,7 +109,7 @@ def _add_classify(subparsers: Any) -> None:
     parser = subparsers.add_parser("classify", help="classify image files through the gateway")
     parser.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--model", default="lenet")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     parser.add_argument("--revision", type=int, help="pin a revision (0: the trained base)")
     parser.add_argument("--min-revision", type=int, help="serve this revision or newer")
     add_target_arguments(parser)
@@ -146,7 +163,7 @@ def _add_finetune(subparsers: Any) -> None:
     parser.add_argument(
         "--lr", type=float, default=0.01, help="SGD learning rate (refused above the worker's max_lr)"
     )
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--train-layers", choices=["all", "classifier"], default="all")
     parser.add_argument(
@@ -265,23 +282,26 @@ def _add_models(subparsers: Any) -> None:
     parser.set_defaults(func=_run_models)
 
 
-def _describe_model(model: Any) -> str:
-    status, parity = model.status, model.parity
+def _describe_model(details: ModelDetails) -> str:
+    status, info, parity = details.status, details.info, details.info.parity
     formats = ", ".join(
-        f"{name} max diff {row.max_abs_diff:.1e}" for name, row in sorted(parity.formats.items())
+        f"{name} max diff {row['max_abs_diff']:.1e}"
+        for name, row in sorted(parity.get("formats", {}).items())
     )
-    shape, resize = "x".join(map(str, model.input_shape)), "x".join(map(str, model.resize))
+    shape, resize = "x".join(map(str, info.input_shape)), "x".join(map(str, info.resize))
     workers = f"{status.ready_workers}/{status.workers}"
+    accuracy = float(info.training.get("test_accuracy") or 0.0)
     return "\n".join(
         [
-            f"{status.name} v{status.version}: {model.architecture}, {workers} workers ready, "
-            f"{model.serving_format} on {model.device}",
-            f"  input {shape}; images resized to {resize}, padded {model.pad}; "
-            f"mean {list(model.mean)} std {list(model.std)}",
-            f"  classes ({len(model.labels)}): {', '.join(model.labels)}",
-            f"  trained on {model.dataset}: test accuracy {model.test_accuracy:.2%}",
-            f"  parity ({'passed' if parity.passed else 'FAILED'}, {parity.samples} images): {formats}",
-            f"  revision {model.revision}; fine-tuning {'on' if model.fine_tuning else 'off'}",
+            f"{status.name} v{status.version}: {info.architecture}, {workers} workers ready, "
+            f"{info.format} on {info.device}",
+            f"  input {shape}; images resized to {resize}, padded {info.pad}; "
+            f"mean {list(info.mean)} std {list(info.std)}",
+            f"  classes ({len(info.labels)}): {', '.join(info.labels)}",
+            f"  trained on {info.dataset.get('name', '')}: test accuracy {accuracy:.2%}",
+            f"  parity ({'passed' if parity.get('passed') else 'FAILED'}, "
+            f"{parity.get('samples', 0)} images): {formats}",
+            f"  revision {info.revision}; fine-tuning {'on' if info.fine_tuning else 'off'}",
         ]
     )
 
@@ -289,13 +309,11 @@ def _describe_model(model: Any) -> str:
 def _run_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from google.protobuf import json_format
-
     with connect(args) as client:
         if args.model:
-            model = client.get_model(args.model)
-            data = json_format.MessageToDict(model, preserving_proto_field_name=True)
-            emit(args, data, lambda: _describe_model(model))
+            details = client.get_model(args.model)
+            data = {"status": asdict(details.status), **details.info.to_json()}
+            emit(args, data, lambda: _describe_model(details))
             return EXIT_OK
         models = client.list_models()
     emit(

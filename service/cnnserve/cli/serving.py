@@ -8,10 +8,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnserve.cli._output import EXIT_OK, emit
 from cnnserve.errors import FailedPreconditionError
+
+if TYPE_CHECKING:
+    from cnnserve.deployment import Deployment
+    from cnnserve.torchserve import TorchServeSettings
 
 __all__ = ["register", "torchserve_settings", "add_torchserve_arguments"]
 
@@ -48,7 +52,17 @@ def _add_archive(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, help="workers (min = max)")
     parser.add_argument("--response-timeout", type=int, help="seconds TorchServe waits for a handler reply")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=defaults.device)
-    parser.add_argument("--threads", type=int, help="intra-op threads per worker (default 1)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default=defaults.precision,
+        help="int8: serve the export's int8 graph (cnnserve export --precision fp32,int8; ONNX only)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads per worker (default: the worker's CPU quota over the workers; LeNet 1)",
+    )
     parser.add_argument("--retention", type=int, help="fine-tuned revisions kept besides the base")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_run_archive)
@@ -62,7 +76,7 @@ def _run_archive(args: argparse.Namespace) -> int:
     from cnnserve_export.config import default_settings
 
     settings = default_settings(load_card(args.export_dir).architecture)
-    overrides: dict[str, Any] = {"format": args.format, "device": args.device}
+    overrides: dict[str, Any] = {"format": args.format, "device": args.device, "precision": args.precision}
     for flag, field in (
         ("name", "name"),
         ("batch_size", "batch_size"),
@@ -139,7 +153,7 @@ def add_torchserve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def torchserve_settings(args: argparse.Namespace) -> Any:
+def torchserve_settings(args: argparse.Namespace) -> TorchServeSettings:
     from cnnserve.torchserve import TorchServeSettings
 
     state_dir = Path(args.state_dir)
@@ -207,25 +221,10 @@ def _add_serve(subparsers: Any) -> None:
     parser.set_defaults(func=_run_serve)
 
 
-def _gateway_settings(args: argparse.Namespace, settings: Any) -> Any:
-    """The user's gateway settings, wired to the TorchServe we start."""
-    from dataclasses import replace
-
-    from cnnserve.errors import InvalidInputError
-    from cnnserve.gateway.settings import parse_address, settings_from_args
-    from cnnserve.stack import torchserve_wiring
-
-    wiring: dict[str, Any] = torchserve_wiring(settings)
-    gateway = replace(settings_from_args(args), **wiring)
-    if parse_address(gateway.listen)[1] == 0:
-        raise InvalidInputError.for_field("listen", "serve needs a fixed gateway port (--listen HOST:PORT)")
-    return gateway
-
-
-def _serving_now(state: Path, settings: Any) -> list[str]:
-    """What of a stack in ``state`` still runs: "supervisor", "gateway", "torchserve"."""
+def _serving_now(state: Path, settings: TorchServeSettings) -> list[str]:
+    """What of a deployment in ``state`` still runs: "supervisor", "gateway", "torchserve"."""
+    from cnnserve.deployment import GATEWAY_PID_FILE, SERVE_PID_FILE
     from cnnserve.processes import alive, read_pid
-    from cnnserve.stack import GATEWAY_PID_FILE, SERVE_PID_FILE
     from cnnserve.torchserve import PID_FILE
 
     pid_files = {
@@ -237,8 +236,9 @@ def _serving_now(state: Path, settings: Any) -> list[str]:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from cnnserve.deployment import Deployment
     from cnnserve.errors import InvalidInputError
-    from cnnserve.stack import GatewayProcess
+    from cnnserve.gateway.settings import settings_from_args
 
     settings = torchserve_settings(args)
     state = Path(args.state_dir)
@@ -250,11 +250,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise InvalidInputError.for_field("max_restarts", "must be 0 or more")
     # Settings and the gateway's certificate are checked before anything starts.
-    gateway = (
-        GatewayProcess(state, _gateway_settings(args, settings), args.tls_ca or None)
-        if args.gateway
-        else None
-    )
+    gateway = settings_from_args(args) if args.gateway else None
+    deployment = Deployment(settings, gateway, state, tls_ca=args.tls_ca or None)
     store = settings.model_store
     if not list(store.glob("*.mar")):
         if not args.build:
@@ -265,16 +262,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         build_default_store(store, state / "build")
     if args.detach:
         return _detach(args, state)
-    return _supervise(args, settings, gateway)
+    return _supervise(args, deployment)
 
 
-def _supervise(args: argparse.Namespace, settings: Any, gateway: Any) -> int:
-    """Start the stack, report it ready, and keep it running until a signal or the restarts run out."""
+def _supervise(args: argparse.Namespace, deployment: Deployment) -> int:
+    """Start the deployment, report it ready, and keep it running until a signal or the restarts run out."""
     import json
     import threading
 
-    from cnnserve.stack import SERVE_PID_FILE, RestartPolicy, Supervisor, TorchServeChild
-    from cnnserve.torchserve import TorchServe
+    from cnnserve.deployment import SERVE_PID_FILE, RestartPolicy
 
     stop = threading.Event()
 
@@ -283,12 +279,8 @@ def _supervise(args: argparse.Namespace, settings: Any, gateway: Any) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, request_stop)
-    models = tuple(sorted(p.stem for p in settings.model_store.glob("*.mar")))
-    children: list[Any] = [TorchServeChild(TorchServe(settings), models)]
-    if gateway is not None:
-        children.append(gateway)
     policy = RestartPolicy(max_restarts=args.max_restarts if args.restart else 0)
-    supervisor = Supervisor(children, policy, args.ready_timeout, stop)
+    supervisor = deployment.supervisor(policy, args.ready_timeout, stop)
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     pid_file = state / SERVE_PID_FILE
@@ -298,7 +290,7 @@ def _supervise(args: argparse.Namespace, settings: Any, gateway: Any) -> int:
         if not supervisor.start():
             print("cnnserve serve: stopped before it was ready", file=sys.stderr)
             return EXIT_OK
-        info = _serve_info(args, settings, gateway, models, time.monotonic() - started, policy.max_restarts)
+        info = _serve_info(args, deployment, time.monotonic() - started, policy.max_restarts)
         if args.ready_fd is not None:  # detached: tell `serve --detach`, which prints it
             print(_serve_text(info, detached=True))
             os.write(args.ready_fd, json.dumps(info).encode() + b"\n")
@@ -317,24 +309,21 @@ def _supervise(args: argparse.Namespace, settings: Any, gateway: Any) -> int:
 
 
 def _serve_info(
-    args: argparse.Namespace,
-    settings: Any,
-    gateway: Any,
-    models: tuple[str, ...],
-    seconds: float,
-    restarts: int,
+    args: argparse.Namespace, deployment: Deployment, seconds: float, restarts: int
 ) -> dict[str, Any]:
-    from cnnserve.stack import SERVE_LOG
+    from cnnserve.deployment import SERVE_LOG
 
     state = Path(args.state_dir)
+    settings = deployment.torchserve.settings
+    gateway = deployment.gateway
     return {
-        "models": list(models),
+        "models": list(deployment.models),
         "ready_seconds": round(seconds, 2),
-        "grpc_gateway": gateway.target if gateway else None,
+        "grpc_gateway": deployment.gateway_target,
         "gateway_tls_ca": gateway.client["tls_ca"] if gateway else None,
         "gateway_token_required": bool(gateway and gateway.settings.token),
-        "http_inference": settings.url(settings.inference_port),
-        "torchserve_grpc": settings.grpc_inference_target,
+        "http_inference": deployment.http_url,
+        "torchserve_grpc": deployment.grpc_target,
         "token_auth": settings.token_auth,
         "key_file": str(settings.key_file) if settings.token_auth else None,
         "logs": str(state),
@@ -413,9 +402,9 @@ def _detach(args: argparse.Namespace, state: Path) -> int:
     import select
     import subprocess
 
+    from cnnserve.deployment import SERVE_LOG
     from cnnserve.errors import UnavailableError
     from cnnserve.processes import describe_exit
-    from cnnserve.stack import SERVE_LOG
 
     state.mkdir(parents=True, exist_ok=True)
     log_path = state / SERVE_LOG
@@ -519,8 +508,8 @@ def _add_stop(subparsers: Any) -> None:
 
 
 def _run_stop(args: argparse.Namespace) -> int:
+    from cnnserve.deployment import GATEWAY_PID_FILE, SERVE_PID_FILE
     from cnnserve.processes import alive, read_pid, stop_process_group, wait_gone
-    from cnnserve.stack import GATEWAY_PID_FILE, SERVE_PID_FILE
     from cnnserve.torchserve import PID_FILE
 
     state = Path(args.state_dir)

@@ -1,10 +1,9 @@
 """Backends the gateway core calls: TorchServe over its gRPC API, or anything with the same shape.
 
-A backend sends one request to one model's handler (``op`` + JSON ``meta`` + raw input payloads, the
-envelope of :mod:`cnnserve.serving.protocol`) and returns the handler's decoded JSON reply, which may be an
-``{"error": ...}`` body: the core turns those into errors. Transport failures are raised here, already
-translated into :mod:`cnnserve.errors` by :func:`translate_error`, from what TorchServe 0.12 was observed to
-answer (the table is in docs/architecture.md, "Errors").
+A backend sends one typed request of :mod:`cnnserve.contract` to one model's worker and returns the
+request's own reply type; an error the worker answered is raised as the :mod:`cnnserve.errors` error it
+names. Transport failures are raised too, translated by :func:`translate_error` from what TorchServe 0.12
+was observed to answer (the table is in docs/architecture.md, "Errors").
 """
 
 from __future__ import annotations
@@ -14,13 +13,14 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf import empty_pb2
 
+from cnnserve.contract import Operation, envelope, read_reply
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
@@ -33,26 +33,20 @@ from cnnserve.errors import (
     WorkerDiedError,
 )
 from cnnserve.gateway.types import ModelStatus
-from cnnserve.serving.protocol import envelope
 from cnnserve.torchserve import TorchServeKeys, read_key_file
 from cnnserve.torchserve_api import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 
-__all__ = ["Backend", "ConnectionWatcher", "TorchServeBackend", "translate_error"]
+__all__ = ["Backend", "ConnectionWatcher", "Reply", "Request", "TorchServeBackend", "translate_error"]
 
 log = logging.getLogger(__name__)
 
+Reply = TypeVar("Reply")
+Request = Operation  # Request[R]: a contract request whose reply type is R
+
 
 class Backend(Protocol):
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        """The handler's JSON reply to one request."""
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
+        """The worker's reply to ``request`` (its error raised as a CnnserveError)."""
         ...
 
     async def models(self) -> list[ModelStatus]:
@@ -122,31 +116,18 @@ class TorchServeBackend:
             self._reload_keys()
             return await send(self._metadata(api))
 
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        request = inference_pb2.PredictionsRequest(
-            model_name=model, model_version=version, input=envelope(op, meta, payloads)
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
+        message = inference_pb2.PredictionsRequest(
+            model_name=model, model_version=version, input=envelope(request)
         )
         try:
             response = await self._with_token(
                 "inference",
-                lambda metadata: self._inference.Predictions(request, timeout=timeout, metadata=metadata),
+                lambda metadata: self._inference.Predictions(message, timeout=timeout, metadata=metadata),
             )
         except grpc.aio.AioRpcError as error:
             raise translate_error(error, model) from None
-        try:
-            body: dict[str, Any] = json.loads(response.prediction)
-        except ValueError:
-            log.error("TorchServe returned a non-JSON reply for %s: %r", model, response.prediction[:200])
-            raise InternalError("the model returned an unreadable reply") from None
-        return body
+        return read_reply(request, response.prediction)
 
     async def ping(self, timeout: float = 2.0) -> bool:
         try:

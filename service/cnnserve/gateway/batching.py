@@ -22,9 +22,6 @@ __all__ = ["MicroBatcher", "BatchStats"]
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-# Sends one batch; returns one result per item, in order (an Exception in a slot fails only that caller).
-SendBatch = Callable[[Hashable, Sequence[Item]], Awaitable[Sequence["Result | BaseException"]]]
-
 
 @dataclass
 class BatchStats:
@@ -42,6 +39,7 @@ class _Queue(Generic[Item, Result]):
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
+        # Sends one batch; one result per item, in order (an exception in a slot fails only that caller).
         send: Callable[[Hashable, Sequence[Item]], Awaitable[Sequence[Result | BaseException]]],
         max_batch: int = 32,
         max_in_flight: int = 2,

@@ -11,21 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
 
-import numpy as np
-
+from cnnserve.contract import (
+    DEFAULT_TOP_K,
+    ClassifyRequest,
+    FineTuneRequest,
+    InfoRequest,
+    Prediction,
+    RawInput,
+    ResetRequest,
+    RevisionChangeReply,
+    RevisionsReply,
+    RevisionsRequest,
+    RollbackRequest,
+    ShapesReply,
+    ShapesRequest,
+    check_image,
+    check_tensor,
+)
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
-    ErrorKind,
     FieldViolation,
     InvalidInputError,
     NotFoundError,
@@ -33,7 +45,7 @@ from cnnserve.errors import (
     WorkerDiedError,
     error_from_kind,
 )
-from cnnserve.gateway.backend import Backend
+from cnnserve.gateway.backend import Backend, Reply, Request
 from cnnserve.gateway.batching import MicroBatcher
 from cnnserve.gateway.types import (
     ClassifyCall,
@@ -44,20 +56,15 @@ from cnnserve.gateway.types import (
     ModelDetails,
     ModelInput,
     ModelStatus,
-    RevisionChange,
-    RevisionInfo,
-    RevisionList,
     ShapesCall,
     Timing,
 )
 from cnnserve.layer_table import check_dims
-from cnnserve.serving.protocol import RawInput, describe_inputs
 
 __all__ = ["CoreSettings", "Gateway"]
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_K = 1000
 _UNKNOWN_MODEL_REFRESH_S = 1.0
 # A retried Classify waits this long (jittered, within the caller's deadline): TorchServe has then noticed the
 # dead worker and hands the job to a live one, or a queue has drained a little.
@@ -71,7 +78,6 @@ class CoreSettings:
     max_inputs: int = 64  # per Classify / FineTuneStep request
     max_batch: int = 32  # inputs per micro-batch sent to TorchServe
     max_in_flight: int = 2  # micro-batches per model at TorchServe at once
-    stream_parallelism: int = 8  # ClassifyStream requests in flight per stream
     # Longest a Classify waits for one TorchServe answer before it retries (once); None: the caller's
     # deadline. TorchServe can hold a request without answering (seen for ~60 s after a worker was killed
     # under load), and a held micro-batch holds one of max_in_flight slots: a bound keeps the model flowing.
@@ -89,87 +95,35 @@ class _BatchKey:
 class _Single:
     """One single-input Classify waiting for a micro-batch."""
 
-    model_input: ModelInput
+    raw: RawInput
     top_k: int
     min_revision: int | None
     timeout: float | None
 
 
-def _raise_for_body(body: dict[str, Any]) -> None:
-    error = body.get("error")
-    if error is None:
-        return
-    raise _error_from_body(error)
-
-
-def _error_from_body(error: dict[str, Any]) -> CnnserveError:
-    try:
-        kind = ErrorKind[error.get("code", "INTERNAL")]
-    except KeyError:
-        kind = ErrorKind.INTERNAL
-    violations = tuple(
-        FieldViolation(v.get("field", ""), v.get("description", ""))
-        for v in error.get("field_violations", [])
-    )
-    return error_from_kind(kind, str(error.get("message", "error")), violations)
-
-
-def _validate_inputs(inputs: Sequence[ModelInput], max_inputs: int, field: str = "inputs") -> None:
-    if not inputs:
-        raise InvalidInputError.for_field(field, "at least one input is required")
+def _raw_inputs(inputs: Sequence[ModelInput], max_inputs: int) -> tuple[RawInput, ...]:
+    """The call's inputs as the contract carries them, checked before the hop (fields as the proto names
+    them: ``inputs[i].image``, ``inputs[i].tensor.data``)."""
     if len(inputs) > max_inputs:
-        raise InvalidInputError.for_field(field, f"{len(inputs)} inputs; at most {max_inputs} per request")
+        raise InvalidInputError.for_field("inputs", f"{len(inputs)} inputs; at most {max_inputs} per request")
+    raw = []
     for index, item in enumerate(inputs):
-        where = f"{field}[{index}]"
+        where = f"inputs[{index}]"
         if (item.image is None) == (item.tensor is None):
             raise InvalidInputError.for_field(where, "set exactly one of image or tensor")
-        if item.image is not None and not item.image:
-            raise InvalidInputError.for_field(f"{where}.image", "empty image bytes")
         if item.tensor is not None:
-            shape, data = item.tensor.shape, item.tensor.data
-            if not shape or any(d <= 0 for d in shape):
-                raise InvalidInputError.for_field(
-                    f"{where}.tensor.shape", f"{list(shape)} is not a valid shape"
-                )
-            expected = math.prod(shape) * 4
-            if len(data) != expected:
-                raise InvalidInputError.for_field(
-                    f"{where}.tensor.data",
-                    f"{len(data)} bytes do not match shape {list(shape)}: expected {expected} float32 bytes",
-                )
-            if not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
-                raise InvalidInputError.for_field(f"{where}.tensor.data", "contains NaN or Inf values")
+            shape = check_tensor(item.tensor.data, item.tensor.shape, f"{where}.tensor")
+            raw.append(RawInput(item.tensor.data, shape))
+        else:
+            check_image(item.image or b"", f"{where}.image")
+            raw.append(RawInput(item.image or b""))
+    return tuple(raw)
 
 
-def _describe(inputs: Sequence[ModelInput]) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Envelope descriptors and payloads for ``inputs``."""
-    raw = [
-        RawInput(item.tensor.data, item.tensor.shape)
-        if item.tensor is not None
-        else RawInput(item.image or b"")
-        for item in inputs
-    ]
-    return describe_inputs(raw), [item.data for item in raw]
-
-
-def _scores(prediction: dict[str, Any], top_k: int) -> tuple[ClassScore, ...]:
-    return tuple(
-        ClassScore(str(t["label"]), int(t["index"]), float(t["probability"]))
-        for t in prediction["top_k"][:top_k]
-    )
-
-
-def _revision_info(data: dict[str, Any]) -> RevisionInfo:
-    return RevisionInfo(
-        revision=int(data["revision"]),
-        kind=str(data["kind"]),
-        parent=data.get("parent"),
-        step=int(data.get("step", 0)),
-        sha256=str(data.get("sha256", "")),
-        created=float(data.get("created", 0.0)),
-        pruned=bool(data.get("pruned", False)),
-        request_id=data.get("request_id"),
-    )
+def _scores(prediction: Prediction, top_k: int) -> tuple[ClassScore, ...]:
+    if isinstance(prediction, CnnserveError):  # only a per_input_errors request answers one in a slot
+        raise prediction
+    return prediction[:top_k]
 
 
 _SLOT = re.compile(r"^inputs\[\d+\]")
@@ -181,6 +135,10 @@ def _as_first_input(error: CnnserveError) -> CnnserveError:
         FieldViolation(_SLOT.sub("inputs[0]", v.field), v.description) for v in error.violations
     )
     return error_from_kind(error.kind, _SLOT.sub("inputs[0]", error.message), violations)
+
+
+# FineTuneRequest fields the gateway fills itself; every other one comes from the FineTuneCall of that name.
+_OWN_FIELDS = ("inputs", "request_id")
 
 
 def _check_model_name(model: str) -> None:
@@ -279,45 +237,47 @@ class Gateway:
             )
         return status
 
-    async def _call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
+    async def _call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceededError("the deadline passed before the request reached the model")
         try:
-            body = await self.backend.call(model, version, op, meta, payloads, timeout)
+            reply = await self.backend.call(model, version, request, timeout)
         except UnavailableError as exc:
             if not isinstance(exc, WorkerDiedError):  # the backend itself is unreachable: re-check health now
                 self.request_refresh()
             raise
+        except CnnserveError:  # the worker answered with an error: the backend is up
+            self._saw_backend()
+            raise
+        self._saw_backend()
+        return reply
+
+    def _saw_backend(self) -> None:
         if not self._backend_up:  # it answered: health can say SERVING again without waiting for the poll
             self.request_refresh()
-        _raise_for_body(body)
-        return body
 
     # ---- Classify -------------------------------------------------------------------------------
 
     async def classify(self, call: ClassifyCall, timeout: float | None = None) -> ClassifyResult:
         started = time.perf_counter()
         await self._served(call.model, call.version)
-        _validate_inputs(call.inputs, self.settings.max_inputs)
-        if not 0 <= call.top_k <= MAX_TOP_K:
-            raise InvalidInputError.for_field("top_k", f"must be between 0 and {MAX_TOP_K}")
-        top_k = call.top_k or 5
-        if len(call.inputs) == 1:
+        # Built (and so checked) here, before the hop, whether it leaves alone or in a micro-batch.
+        request = ClassifyRequest(
+            _raw_inputs(call.inputs, self.settings.max_inputs),
+            top_k=call.top_k or DEFAULT_TOP_K,
+            revision=call.revision,
+            min_revision=call.min_revision,
+        )
+        if len(request.inputs) == 1:
             key = _BatchKey(call.model, call.version, call.revision)
-            item, min_revision = call.inputs[0], call.min_revision
+            single = (request.inputs[0], request.top_k, request.min_revision)
             result = await self._with_retry(
-                lambda left: self._batcher.submit(key, _Single(item, top_k, min_revision, left)), timeout
+                lambda left: self._batcher.submit(key, _Single(*single, left)), timeout
             )
         else:
-            result = await self._with_retry(lambda left: self._classify_direct(call, top_k, left), timeout)
+            result = await self._with_retry(
+                lambda left: self._classify_direct(call.model, call.version, request, left), timeout
+            )
         timing = Timing(
             server_ms=(time.perf_counter() - started) * 1000,
             backend_ms=result.timing.backend_ms,
@@ -354,24 +314,18 @@ class Gateway:
                 left = bound
             return await attempt(left)
 
-    async def _classify_direct(self, call: ClassifyCall, top_k: int, timeout: float | None) -> ClassifyResult:
-        descriptors, payloads = _describe(call.inputs)
-        meta = {
-            "inputs": descriptors,
-            "top_k": top_k,
-            "revision": call.revision,
-            "min_revision": call.min_revision,
-        }
+    async def _classify_direct(
+        self, model: str, version: str, request: ClassifyRequest, timeout: float | None
+    ) -> ClassifyResult:
         sent = time.perf_counter()
-        body = await self._call(call.model, call.version, "classify", meta, payloads, timeout)
+        reply = await self._call(model, version, request, timeout)
         backend_ms = (time.perf_counter() - sent) * 1000
-        predictions = tuple(_scores(p, top_k) for p in body["predictions"])
         return ClassifyResult(
-            body["model"],
-            body["version"],
-            int(body["revision"]),
-            predictions,
-            Timing(0.0, backend_ms, len(payloads)),
+            reply.model,
+            reply.version,
+            reply.revision,
+            tuple(_scores(p, request.top_k) for p in reply.predictions),
+            Timing(0.0, backend_ms, len(request.inputs)),
         )
 
     async def _send_batch(
@@ -379,102 +333,59 @@ class Gateway:
     ) -> list[ClassifyResult | BaseException]:
         """One backend request for a micro-batch; each caller gets its own slot (or its own error)."""
         assert isinstance(key, _BatchKey)
-        descriptors, payloads = _describe([item.model_input for item in items])
         min_revisions = [item.min_revision for item in items if item.min_revision is not None]
         timeouts = [item.timeout for item in items]
         timeout = None if None in timeouts else max(t for t in timeouts if t is not None)
-        meta = {
-            "inputs": descriptors,
-            "top_k": max(item.top_k for item in items),
-            "revision": key.revision,
+        request = ClassifyRequest(
+            tuple(item.raw for item in items),
+            top_k=max(item.top_k for item in items),
+            revision=key.revision,
             # every member sees a revision >= its own min_revision (and the live head is never older)
-            "min_revision": max(min_revisions) if min_revisions else None,
-            "per_input_errors": True,
-        }
+            min_revision=max(min_revisions) if min_revisions else None,
+            per_input_errors=True,
+        )
         sent = time.perf_counter()
-        body = await self._call(key.model, key.version, "classify", meta, payloads, timeout)
+        reply = await self._call(key.model, key.version, request, timeout)
         timing = Timing(0.0, (time.perf_counter() - sent) * 1000, len(items))
         results: list[ClassifyResult | BaseException] = []
-        for item, prediction in zip(items, body["predictions"], strict=True):
-            if "error" in prediction:
-                error = _as_first_input(_error_from_body(prediction["error"]))
-                results.append(error)
+        for item, prediction in zip(items, reply.predictions, strict=True):
+            if isinstance(prediction, CnnserveError):
+                results.append(_as_first_input(prediction))
             else:
-                predictions = (_scores(prediction, item.top_k),)
-                results.append(
-                    ClassifyResult(body["model"], body["version"], int(body["revision"]), predictions, timing)
-                )
+                scores = (prediction[: item.top_k],)
+                results.append(ClassifyResult(reply.model, reply.version, reply.revision, scores, timing))
         return results
 
     # ---- the other calls ------------------------------------------------------------------------
 
-    async def layer_shapes(self, call: ShapesCall, timeout: float | None = None) -> dict[str, Any]:
+    async def layer_shapes(self, call: ShapesCall, timeout: float | None = None) -> ShapesReply:
         await self._served(call.model, call.version)
         if call.input_shape:
             check_dims(call.input_shape)  # the handler's own check, before the hop
-        meta = {"input_shape": list(call.input_shape) or None}
-        return await self._call(call.model, call.version, "shapes", meta, [], timeout)
+        request = ShapesRequest(tuple(call.input_shape) or None)
+        return await self._call(call.model, call.version, request, timeout)
 
     async def finetune(self, call: FineTuneCall, timeout: float | None = None) -> FineTuneResult:
         started = time.perf_counter()
         await self._served(call.model, call.version)
-        _validate_inputs(call.inputs, self.settings.max_inputs)
-        if len(call.labels) != len(call.inputs):
-            raise InvalidInputError.for_field(
-                "labels", f"{len(call.labels)} labels for {len(call.inputs)} inputs"
-            )
-        if not (math.isfinite(call.lr) and call.lr > 0):
-            raise InvalidInputError.for_field("lr", f"must be a finite number > 0, got {call.lr}")
-        if not (math.isfinite(call.momentum) and 0 <= call.momentum < 1):
-            raise InvalidInputError.for_field("momentum", f"must be in [0, 1), got {call.momentum}")
-        if not (math.isfinite(call.weight_decay) and call.weight_decay >= 0):
-            raise InvalidInputError.for_field("weight_decay", f"must be >= 0, got {call.weight_decay}")
-        # The lr's upper bound is the worker's (max_lr, where archives are configured), not checked here.
-        clip = call.max_grad_norm
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            raise InvalidInputError.for_field(
-                "max_grad_norm", f"must be a finite number > 0 (unset: no clipping), got {clip}"
-            )
-        if len(call.request_id) > 128:
-            raise InvalidInputError.for_field("request_id", "at most 128 characters")
         # With an id, a retry after a lost reply cannot apply the step twice: the store replays the result.
         request_id = call.request_id or f"gw-{uuid.uuid4()}"
-        descriptors, payloads = _describe(call.inputs)
-        meta = {
-            "inputs": descriptors,
-            "labels": list(call.labels),
-            "lr": call.lr,
-            "momentum": call.momentum,
-            "weight_decay": call.weight_decay,
-            "train_layers": call.train_layers,
-            "request_id": request_id,
-            "expected_revision": call.expected_revision,
-            "max_grad_norm": call.max_grad_norm,
-        }
+        # The call carries the contract's fields under the same names: built (and checked) before the hop.
+        same = {f.name: getattr(call, f.name) for f in fields(FineTuneRequest) if f.name not in _OWN_FIELDS}
+        request = FineTuneRequest(
+            inputs=_raw_inputs(call.inputs, self.settings.max_inputs), request_id=request_id, **same
+        )
         sent = time.perf_counter()
         try:
-            body = await self._call(call.model, call.version, "finetune", meta, payloads, timeout)
+            reply = await self._call(call.model, call.version, request, timeout)
         except UnavailableError:
             # Not blind: the request id makes the repeat idempotent.
-            body = await self._call(call.model, call.version, "finetune", meta, payloads, timeout)
+            reply = await self._call(call.model, call.version, request, timeout)
         timing = Timing(
-            (time.perf_counter() - started) * 1000, (time.perf_counter() - sent) * 1000, len(payloads)
+            (time.perf_counter() - started) * 1000, (time.perf_counter() - sent) * 1000, len(request.inputs)
         )
-        return FineTuneResult(
-            model=body["model"],
-            version=body["version"],
-            revision=int(body["revision"]),
-            parent=int(body["parent"]),
-            step=int(body["step"]),
-            loss_before=float(body["loss_before"]),
-            loss_after=float(body["loss_after"]),
-            batch_accuracy=float(body["batch_accuracy"]),
-            grad_norm=float(body["grad_norm"]),
-            replayed=bool(body.get("replayed", False)),
-            request_id=request_id,
-            timing=timing,
-            grad_clipped=bool(body.get("grad_clipped", False)),  # absent from an older worker's replay
-        )
+        answered = {f.name: getattr(reply, f.name) for f in fields(reply)}
+        return FineTuneResult(**answered, request_id=request_id, timing=timing)
 
     async def list_models(self) -> list[ModelStatus]:
         await self.refresh_models()
@@ -484,24 +395,20 @@ class Gateway:
 
     async def get_model(self, model: str, version: str = "", timeout: float | None = None) -> ModelDetails:
         status = await self._served(model, version)
-        info = await self._call(model, version, "info", {}, [], timeout)
-        return ModelDetails(status, info)
+        return ModelDetails(status, await self._call(model, version, InfoRequest(), timeout))
 
     async def list_revisions(
         self, model: str, version: str = "", timeout: float | None = None
-    ) -> RevisionList:
+    ) -> RevisionsReply:
         await self._served(model, version)
-        body = await self._call(model, version, "revisions", {}, [], timeout)
-        return RevisionList(model, int(body["head"]), tuple(_revision_info(r) for r in body["revisions"]))
+        return await self._call(model, version, RevisionsRequest(), timeout)
 
     async def rollback(
         self, model: str, to_revision: int, version: str = "", timeout: float | None = None
-    ) -> RevisionChange:
+    ) -> RevisionChangeReply:
         await self._served(model, version)
-        body = await self._call(model, version, "rollback", {"to_revision": to_revision}, [], timeout)
-        return RevisionChange(model, _revision_info(body), int(body["weights_of"]))
+        return await self._call(model, version, RollbackRequest(to_revision), timeout)
 
-    async def reset(self, model: str, version: str = "", timeout: float | None = None) -> RevisionChange:
+    async def reset(self, model: str, version: str = "", timeout: float | None = None) -> RevisionChangeReply:
         await self._served(model, version)
-        body = await self._call(model, version, "reset", {}, [], timeout)
-        return RevisionChange(model, _revision_info(body), int(body["weights_of"]))
+        return await self._call(model, version, ResetRequest(), timeout)

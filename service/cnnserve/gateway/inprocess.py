@@ -7,13 +7,12 @@ workers or a network hop. Importing it imports torch.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
+from cnnserve.contract import envelope, read_reply
 from cnnserve.errors import NotFoundError, UnavailableError
+from cnnserve.gateway.backend import Reply, Request
 from cnnserve.gateway.types import ModelStatus
-from cnnserve.serving.protocol import envelope
 from cnnserve.serving.service import ModelService
 
 __all__ = ["InProcessBackend"]
@@ -26,15 +25,7 @@ class InProcessBackend:
         self.available = True  # tests flip this to simulate TorchServe going away
         self._lock = asyncio.Lock()  # one request at a time per process, like one TorchServe worker
 
-    async def call(
-        self,
-        model: str,
-        version: str,
-        op: str,
-        meta: dict[str, Any],
-        payloads: Sequence[bytes],
-        timeout: float | None,
-    ) -> dict[str, Any]:
+    async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
         if not self.available:
             raise UnavailableError("TorchServe is not reachable")
         service = self.services.get(model)
@@ -42,9 +33,8 @@ class InProcessBackend:
             raise NotFoundError(f"model {model!r} (or that version) is not served")
         self.calls += 1
         async with self._lock:
-            (reply,) = await asyncio.to_thread(service.handle, [envelope(op, meta, payloads)])
-        body: dict[str, Any] = json.loads(reply.body)
-        return body
+            (reply,) = await asyncio.to_thread(service.handle, [envelope(request)])
+        return read_reply(request, reply.body)
 
     async def models(self) -> list[ModelStatus]:
         if not self.available:

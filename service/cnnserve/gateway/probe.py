@@ -19,8 +19,8 @@ from cnnserve.errors import CnnserveError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnnserve.deployment import gateway_client
     from cnnserve.gateway.settings import add_arguments, settings_from_args
-    from cnnserve.stack import gateway_client
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

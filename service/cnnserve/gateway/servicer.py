@@ -11,7 +11,18 @@ from typing import Any, TypeVar
 import grpc
 
 from cnnserve.errors import OverloadedError
-from cnnserve.gateway import converters
+from cnnserve.gateway.converters import (
+    ClassifyRequestConverter,
+    ClassifyResponseConverter,
+    FineTuneRequestConverter,
+    FineTuneResponseConverter,
+    ModelConverter,
+    ModelStatusConverter,
+    RevisionChangeConverter,
+    RevisionListConverter,
+    ShapesRequestConverter,
+    ShapesResponseConverter,
+)
 from cnnserve.gateway.core import Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics
@@ -88,32 +99,29 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 task.cancel()
 
     async def _classify_one(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
-        return converters.classify_response(
-            await self.gateway.classify(converters.classify_call(request), timeout)
-        )
+        call = ClassifyRequestConverter.to_types(request)
+        return ClassifyResponseConverter.from_types(await self.gateway.classify(call, timeout))
 
     async def GetLayerShapes(
         self, request: pb.GetLayerShapesRequest, context: Any
     ) -> pb.GetLayerShapesResponse:
         async def work(timeout: float | None) -> pb.GetLayerShapesResponse:
-            return converters.shapes_response(
-                await self.gateway.layer_shapes(converters.shapes_call(request), timeout)
-            )
+            call = ShapesRequestConverter.to_types(request)
+            return ShapesResponseConverter.from_types(await self.gateway.layer_shapes(call, timeout))
 
         return await self._run("GetLayerShapes", context, work)
 
     async def FineTuneStep(self, request: pb.FineTuneStepRequest, context: Any) -> pb.FineTuneStepResponse:
         async def work(timeout: float | None) -> pb.FineTuneStepResponse:
-            return converters.finetune_response(
-                await self.gateway.finetune(converters.finetune_call(request), timeout)
-            )
+            call = FineTuneRequestConverter.to_types(request)
+            return FineTuneResponseConverter.from_types(await self.gateway.finetune(call, timeout))
 
         return await self._run("FineTuneStep", context, work)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         async def work(timeout: float | None) -> pb.ListModelsResponse:
             models = await self.gateway.list_models()
-            return pb.ListModelsResponse(models=[converters.model_status_message(m) for m in models])
+            return pb.ListModelsResponse(models=[ModelStatusConverter.from_types(m) for m in models])
 
         return await self._run("ListModels", context, work)
 
@@ -122,33 +130,29 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             details = await self.gateway.get_model(request.model, request.version, timeout)
             info = details.info
             self.metrics.model_device.labels(
-                details.status.name,
-                str(info.get("requested_device", "")),
-                str(info.get("device", "")),
-                str(info.get("provider", "")),
+                details.status.name, info.requested_device, info.device, info.provider
             ).set(1)
-            return converters.model_message(details)
+            return ModelConverter.from_types(details)
 
         return await self._run("GetModel", context, work)
 
     async def ListRevisions(self, request: pb.ListRevisionsRequest, context: Any) -> pb.ListRevisionsResponse:
         async def work(timeout: float | None) -> pb.ListRevisionsResponse:
             revisions = await self.gateway.list_revisions(request.model, request.version, timeout)
-            return converters.revision_list_response(revisions)
+            return RevisionListConverter.from_types(revisions)
 
         return await self._run("ListRevisions", context, work)
 
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.RevisionChange:
         async def work(timeout: float | None) -> pb.RevisionChange:
             change = await self.gateway.rollback(request.model, request.to_revision, request.version, timeout)
-            return converters.revision_change_response(change)
+            return RevisionChangeConverter.from_types(change)
 
         return await self._run("Rollback", context, work)
 
     async def Reset(self, request: pb.ResetRequest, context: Any) -> pb.RevisionChange:
         async def work(timeout: float | None) -> pb.RevisionChange:
-            return converters.revision_change_response(
-                await self.gateway.reset(request.model, request.version, timeout)
-            )
+            change = await self.gateway.reset(request.model, request.version, timeout)
+            return RevisionChangeConverter.from_types(change)
 
         return await self._run("Reset", context, work)

@@ -1,9 +1,26 @@
-"""The gateway's domain types: what the core takes and returns, free of protobuf and of transport."""
+"""The gateway's domain types: what the core takes and returns, free of protobuf and of transport.
+
+Where the gateway returns what the worker answered, the type is the contract's (:mod:`cnnserve.contract`)
+or extends it, so a field the worker adds reaches every transport without a copy here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from cnnserve.contract import (
+    DEFAULT_MOMENTUM,
+    DEFAULT_TOP_K,
+    DEFAULT_TRAIN_LAYERS,
+    DEFAULT_WEIGHT_DECAY,
+    ClassScore,
+    FineTuneReply,
+    ModelInfo,
+    RevisionChangeReply,
+    RevisionInfo,
+    RevisionsReply,
+    ShapesReply,
+)
 
 __all__ = [
     "TensorInput",
@@ -13,6 +30,7 @@ __all__ = [
     "Timing",
     "ClassifyResult",
     "ShapesCall",
+    "ShapesResult",
     "FineTuneCall",
     "FineTuneResult",
     "ModelStatus",
@@ -42,16 +60,9 @@ class ClassifyCall:
     model: str
     inputs: tuple[ModelInput, ...]
     version: str = ""
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K  # 0: the default
     revision: int | None = None
     min_revision: int | None = None
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    label: str
-    index: int
-    probability: float
 
 
 @dataclass(frozen=True)
@@ -84,29 +95,20 @@ class FineTuneCall:
     labels: tuple[int, ...]
     lr: float
     version: str = ""
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    train_layers: str = "all"  # all | classifier
-    request_id: str = ""
+    momentum: float = DEFAULT_MOMENTUM
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    train_layers: str = DEFAULT_TRAIN_LAYERS  # all | classifier
+    request_id: str = ""  # empty: the gateway makes one
     expected_revision: int | None = None
     max_grad_norm: float | None = None  # clip the gradient's total L2 norm to this; None: no clipping
 
 
 @dataclass(frozen=True)
-class FineTuneResult:
-    model: str
-    version: str
-    revision: int
-    parent: int
-    step: int
-    loss_before: float
-    loss_after: float
-    batch_accuracy: float
-    grad_norm: float  # before any clipping
-    replayed: bool
-    request_id: str
+class FineTuneResult(FineTuneReply):
+    """The worker's reply to the step, with the request id it ran under and the gateway's timing."""
+
+    request_id: str = ""
     timing: Timing = field(default_factory=Timing)
-    grad_clipped: bool = False  # grad_norm was above max_grad_norm: the update used the clipped gradient
 
 
 @dataclass(frozen=True)
@@ -125,30 +127,10 @@ class ModelStatus:
 @dataclass(frozen=True)
 class ModelDetails:
     status: ModelStatus
-    info: dict[str, Any]  # the handler's info reply: card, formats, parity, head revision, ...
+    info: ModelInfo  # the worker's: card, formats, parity, device, head revision, ...
 
 
-@dataclass(frozen=True)
-class RevisionInfo:
-    revision: int
-    kind: str
-    parent: int | None
-    step: int
-    sha256: str
-    created: float
-    pruned: bool
-    request_id: str | None
-
-
-@dataclass(frozen=True)
-class RevisionList:
-    model: str
-    head: int
-    revisions: tuple[RevisionInfo, ...]
-
-
-@dataclass(frozen=True)
-class RevisionChange:
-    model: str
-    revision: RevisionInfo
-    weights_of: int
+# What the worker answers is what the gateway returns for these: one type, not a copy.
+ShapesResult = ShapesReply  # the layer table of GetLayerShapes
+RevisionList = RevisionsReply
+RevisionChange = RevisionChangeReply

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnserve.contract import DEFAULT_MOMENTUM, DEFAULT_TRAIN_LAYERS, DEFAULT_WEIGHT_DECAY
+
 __all__ = [
     "DEFAULT_MAX_LR",
     "StepSettings",
@@ -34,9 +36,9 @@ DEFAULT_MAX_LR = 10.0
 @dataclass(frozen=True)
 class StepSettings:
     lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    train_layers: str = "all"  # all | classifier
+    momentum: float = DEFAULT_MOMENTUM
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    train_layers: str = DEFAULT_TRAIN_LAYERS  # all | classifier
     max_grad_norm: float | None = None  # clip the gradient to this total L2 norm; None: no clipping
 
 

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from cnnserve.errors import CnnserveError, ErrorKind, FailedPreconditionError
+from cnnserve.contract import error_json
+from cnnserve.errors import CnnserveError, ErrorKind, FailedPreconditionError, error_from_kind
 from cnnserve.runtime import configure_cuda_numerics
 from cnnserve.serving.config import pick_device, service_config
-from cnnserve.serving.service import ModelService, Reply, error_body
+from cnnserve.serving.service import ModelService, Reply
 
 log = logging.getLogger("cnnserve.serving.handler")  # archived as cnnserve_handler.py: keep our name
 
@@ -93,7 +94,11 @@ class CnnserveHandler:
         )
         try:
             config = service_config(
-                yaml_config.get("handler"), os.environ, choice.device, requested_device=choice.requested
+                yaml_config.get("handler"),
+                os.environ,
+                choice.device,
+                requested_device=choice.requested,
+                workers=yaml_config.get("maxWorkers"),  # for the default threads (serving/threads.py)
             )
             if choice.fallback_reason is not None:
                 if config.require_device:
@@ -108,6 +113,7 @@ class CnnserveHandler:
                 # past the 1e-4 parity tolerance the exports are checked with.
                 configure_cuda_numerics(tf32=False)
             torch.set_num_threads(config.threads)
+            log.info("%s: %d intra-op thread(s) per worker", context.model_name, config.threads)
             self.service = ModelService(properties["model_dir"], config, name=context.model_name)
         except CnnserveError as exc:
             log.error("cannot start %s: %s", context.model_name, exc.message)
@@ -143,7 +149,7 @@ class CnnserveHandler:
             return replies
         except CnnserveError as exc:  # meant for one request, but it escaped the batch: all of them get it
             log.warning("%s: a batch of %d failed: %s", service.name, len(data), exc.message)
-            kind, message, body = exc.kind, exc.message, error_body(exc)
+            return [_error_reply(exc)] * len(data)
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.exception("%s: error id %s in a batch of %d requests", service.name, error_id, len(data))
@@ -162,16 +168,13 @@ class CnnserveHandler:
                 f"{what} in the {service.name} worker "
                 f"(error id {error_id}; its traceback is in TorchServe's model log)"
             )
-            body = {"error": {"code": kind.code_name, "message": message, "field_violations": []}}
-        return [Reply(kind.http_status, _encode_error(body, kind, message))] * len(data)
+            return [_error_reply(error_from_kind(kind, message))] * len(data)
 
     def _restarting(self, data: list[dict[str, Any]]) -> list[Reply]:
         """503 for every request while the worker waits to exit after a sticky CUDA error."""
-        kind = ErrorKind.UNAVAILABLE
         name = self.service.name if self.service is not None else "model"
         message = f"the {name} worker is restarting after a CUDA error"
-        body = {"error": {"code": kind.code_name, "message": message, "field_violations": []}}
-        return [Reply(kind.http_status, _encode_error(body, kind, message))] * len(data)
+        return [_error_reply(error_from_kind(ErrorKind.UNAVAILABLE, message))] * len(data)
 
     def _schedule_restart(self, model: str, why: str) -> None:
         """Mark the worker broken and end its process ``RESTART_DELAY_S`` from now (once)."""
@@ -195,10 +198,11 @@ def _exit_worker() -> None:
     os._exit(RESTART_EXIT_CODE)
 
 
-def _encode_error(body: dict[str, Any], kind: ErrorKind, message: str) -> bytes:
-    """An error body that always encodes: what cannot be JSON (a message that is not text) becomes text."""
+def _error_reply(exc: CnnserveError) -> Reply:
+    """``exc``'s reply; it always encodes (what cannot be JSON, a message that is not text, becomes text)."""
     try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        body = json.dumps(error_json(exc), separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError):
-        fallback = {"error": {"code": kind.code_name, "message": str(message), "field_violations": []}}
-        return json.dumps(fallback, separators=(",", ":"), default=str).encode()
+        fallback = error_json(error_from_kind(exc.kind, str(exc.message)))
+        body = json.dumps(fallback, separators=(",", ":"), default=str).encode()
+    return Reply(exc.kind.http_status, body)

@@ -11,15 +11,39 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 from cnnserve.card import ModelCard, load_card
+from cnnserve.contract import (
+    ClassifyReply,
+    ClassifyRequest,
+    ClassScore,
+    FineTuneReply,
+    FineTuneRequest,
+    InfoRequest,
+    ModelInfo,
+    Prediction,
+    RawInput,
+    Request,
+    ResetRequest,
+    RevisionChangeReply,
+    RevisionInfo,
+    RevisionsReply,
+    RevisionsRequest,
+    RollbackRequest,
+    ShapesReply,
+    ShapesRequest,
+    WorkerTiming,
+    encode_json,
+    error_json,
+    parse_request,
+)
 from cnnserve.errors import (
     CnnserveError,
     ConflictError,
@@ -28,7 +52,7 @@ from cnnserve.errors import (
     NotFoundError,
 )
 from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded
-from cnnserve.runtime import Runtime, load_runtime
+from cnnserve.runtime import Runtime, load_runtime, precision_info
 from cnnserve.serving.finetune import (
     DEFAULT_MAX_LR,
     DivergedStepError,
@@ -36,24 +60,17 @@ from cnnserve.serving.finetune import (
     first_non_finite,
     sgd_step,
 )
-from cnnserve.serving.protocol import (
-    ClassifyRequest,
-    FineTuneRequest,
-    InfoRequest,
-    RawInput,
-    Request,
-    ResetRequest,
-    RevisionsRequest,
-    RollbackRequest,
-    ShapesRequest,
-    encode_json,
-    parse_request,
+from cnnserve.serving.revisions import (
+    DEFAULT_RETENTION,
+    AbstractRevisionStore,
+    Revision,
+    RevisionStore,
+    require_store,
 )
-from cnnserve.serving.revisions import DEFAULT_RETENTION, Revision, RevisionStore, require_store
 from cnnserve.shapes import layer_shapes
 from cnnserve.weights import load_into, load_weights
 
-__all__ = ["ServiceConfig", "Reply", "ModelService", "error_body"]
+__all__ = ["ServiceConfig", "Reply", "ModelService"]
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +110,16 @@ class Reply:
     body: bytes
 
 
-def error_body(exc: CnnserveError) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": exc.kind.code_name,
-            "message": exc.message,
-            "field_violations": [{"field": v.field, "description": v.description} for v in exc.violations],
-        }
-    }
+def _info(revision: Revision) -> RevisionInfo:
+    return RevisionInfo.from_json(revision.public())
 
 
 def _error_reply(exc: CnnserveError) -> Reply:
-    return Reply(exc.kind.http_status, encode_json(error_body(exc)))
+    return Reply(exc.kind.http_status, encode_json(error_json(exc)))
+
+
+# What the operations other than classify answer (typing.Union: workers may run Python 3.9).
+_OtherReply = Union[ShapesReply, FineTuneReply, ModelInfo, RevisionsReply, RevisionChangeReply]
 
 
 @dataclass
@@ -124,7 +139,6 @@ class _Pending:
     request: ClassifyRequest
     revision: Revision | None = None
     tensors: list[torch.Tensor | CnnserveError] = field(default_factory=list)
-    logits: list[np.ndarray] = field(default_factory=list)
 
 
 class ModelService:
@@ -136,7 +150,7 @@ class ModelService:
         self.pre = Preprocessing.from_card(self.card)
         self.base_weights = self.model_dir / self.card.weights_file
         self.base = Revision(revision=0, kind="base", sha256=self.card.weights_sha256, file=None)
-        self.store: RevisionStore | None = None
+        self.store: AbstractRevisionStore | None = None
         if config.revisions_dir:
             self.store = RevisionStore(
                 config.revisions_dir,
@@ -170,23 +184,28 @@ class ModelService:
                 if isinstance(request, ClassifyRequest):
                     classify.append(_Pending(index, request))
                 else:
-                    replies[index] = Reply(200, encode_json(self._dispatch(request)))
+                    replies[index] = Reply(200, encode_json(self._dispatch(request).to_json()))
             except CnnserveError as exc:
                 replies[index] = _error_reply(exc)
-        for pending, reply in zip(classify, self._classify(classify)):  # same length by construction
+        for pending, reply in zip(classify, self._classify(classify)):
             replies[pending.index] = reply
-        return [reply for reply in replies if reply is not None]
+        answered = [reply for reply in replies if reply is not None]
+        assert len(answered) == len(requests), "every request gets exactly one reply"
+        return answered
 
-    def _dispatch(self, request: Request) -> dict[str, Any]:
-        handlers: dict[type, Callable[[Any], dict[str, Any]]] = {
-            ShapesRequest: self.shapes,
-            FineTuneRequest: self.finetune,
-            InfoRequest: lambda _: self.info(),
-            RevisionsRequest: lambda _: self.list_revisions(),
-            RollbackRequest: lambda r: self.rollback(r.to_revision, kind="rollback"),
-            ResetRequest: lambda _: self.rollback(0, kind="reset"),
-        }
-        return handlers[type(request)](request)
+    def _dispatch(self, request: Request) -> _OtherReply:
+        if isinstance(request, ShapesRequest):
+            return self.shapes(request)
+        if isinstance(request, FineTuneRequest):
+            return self.finetune(request)
+        if isinstance(request, InfoRequest):
+            return self.info()
+        if isinstance(request, RevisionsRequest):
+            return self.list_revisions()
+        if isinstance(request, RollbackRequest):
+            return self.rollback(request.to_revision, kind="rollback")
+        assert isinstance(request, ResetRequest), request
+        return self.rollback(0, kind="reset")
 
     # ---- classify -------------------------------------------------------------------------------
 
@@ -229,14 +248,31 @@ class ModelService:
             ) from None
 
     def _classify(self, batch: list[_Pending]) -> list[Reply]:
+        """The batch's classify requests: admit (revision, decode), preprocess, one forward pass per weights
+        revision, answer. A request's error is its own; with per_input_errors, an input's is its own."""
         if not batch:
             return []
         started = time.perf_counter()
-        errors: dict[int, CnnserveError] = {}
         try:
             head = self._head()
         except CnnserveError as exc:
             return [_error_reply(exc) for _ in batch]
+        errors: dict[int, CnnserveError] = {}  # request index -> the error that fails the whole request
+        groups = self._admit(batch, head, errors)
+        self._prepare([p for p in batch if p.index not in errors])
+        preprocessed = time.perf_counter()
+        logits = self._forward(groups, errors)
+        timing = WorkerTiming(
+            preprocess_ms=(preprocessed - started) * 1000,
+            inference_ms=(time.perf_counter() - preprocessed) * 1000,
+            batch_requests=len(batch),
+        )
+        return [self._answer(pending, errors, logits, timing) for pending in batch]
+
+    def _admit(
+        self, batch: list[_Pending], head: Revision, errors: dict[int, CnnserveError]
+    ) -> dict[str, list[tuple[_Pending, int]]]:
+        """Resolve each request's revision and decode its inputs; the inputs grouped by weights (sha256)."""
         groups: dict[str, list[tuple[_Pending, int]]] = {}
         for pending in batch:
             try:
@@ -258,9 +294,12 @@ class ModelService:
                         errors.setdefault(pending.index, exc)
                     continue
                 groups.setdefault(pending.revision.sha256, []).append((pending, position))
-        self._prepare([p for p in batch if p.index not in errors])
-        preprocessed = time.perf_counter()
+        return groups
 
+    def _forward(
+        self, groups: dict[str, list[tuple[_Pending, int]]], errors: dict[int, CnnserveError]
+    ) -> dict[tuple[int, int], np.ndarray]:
+        """Logits per (request index, input position): one stacked run per weights revision."""
         logits: dict[tuple[int, int], np.ndarray] = {}
         for members in groups.values():
             live = [(p, i) for p, i in members if p.index not in errors]
@@ -273,11 +312,11 @@ class ModelService:
                 for pending, _ in live:
                     errors.setdefault(pending.index, exc)
                 continue
-            stacked = torch.cat([p.tensors[i] for p, i in live])  # type: ignore[misc]
+            stacked = torch.cat([p.tensors[i] for p, i in live])  # type: ignore[misc]  # (N, C, H, W)
             step = self.config.max_forward_batch
             outputs = np.concatenate(
                 [runtime.run(stacked[s : s + step]) for s in range(0, len(stacked), step)]
-            )
+            )  # (N, classes)
             finite = np.isfinite(outputs).all(axis=1)
             for (pending, position), row, ok in zip(live, outputs, finite):  # one output row per input
                 if ok:
@@ -294,40 +333,36 @@ class ModelService:
                 pending.tensors[position] = unstable
                 if not pending.request.per_input_errors:
                     errors.setdefault(pending.index, unstable)
-        finished = time.perf_counter()
+        return logits
 
-        timing = {
-            "preprocess": round((preprocessed - started) * 1000, 3),
-            "inference": round((finished - preprocessed) * 1000, 3),
-            "batch_requests": len(batch),
-        }
-        replies = []
-        for pending in batch:
-            if pending.index in errors:
-                replies.append(_error_reply(errors[pending.index]))
-                continue
-            assert pending.revision is not None
-            predictions = []
-            for position, tensor in enumerate(pending.tensors):
-                if isinstance(tensor, CnnserveError):
-                    predictions.append(error_body(tensor))
-                else:
-                    predictions.append(
-                        {"top_k": self._top_k(logits[(pending.index, position)], pending.request.top_k)}
-                    )
-            body = {
-                "model": self.name,
-                "version": self.card.version,
-                "revision": pending.revision.revision,
-                "format": self.config.format,
-                "device": self.device,
-                "provider": self.provider,
-                "worker": os.getpid(),  # which TorchServe worker process answered
-                "predictions": predictions,
-                "timing_ms": timing,
-            }
-            replies.append(Reply(200, encode_json(body)))
-        return replies
+    def _answer(
+        self,
+        pending: _Pending,
+        errors: dict[int, CnnserveError],
+        logits: dict[tuple[int, int], np.ndarray],
+        timing: WorkerTiming,
+    ) -> Reply:
+        if pending.index in errors:
+            return _error_reply(errors[pending.index])
+        assert pending.revision is not None
+        predictions: list[Prediction] = [
+            tensor
+            if isinstance(tensor, CnnserveError)
+            else self._top_k(logits[(pending.index, position)], pending.request.top_k)
+            for position, tensor in enumerate(pending.tensors)
+        ]
+        reply = ClassifyReply(
+            model=self.name,
+            version=self.card.version,
+            revision=pending.revision.revision,
+            predictions=tuple(predictions),
+            format=self.config.format,
+            device=self.device,
+            provider=self.provider,
+            worker=os.getpid(),  # which TorchServe worker process answered
+            timing=timing,
+        )
+        return Reply(200, encode_json(reply.to_json()))
 
     def _prepare(self, batch: list[_Pending]) -> None:
         """Preprocess every decoded image of the batch at once (one call per image size)."""
@@ -336,14 +371,12 @@ class ModelService:
         for (pending, position), tensor in zip(slots, prepared):
             pending.tensors[position] = tensor
 
-    def _top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
+    def _top_k(self, logits: np.ndarray, k: int) -> tuple[ClassScore, ...]:
+        """The ``k`` most probable classes of one input's ``(classes,)`` logits, best first."""
         shifted = np.exp(logits - logits.max())
         probabilities = shifted / shifted.sum()
         order = np.argsort(-probabilities, kind="stable")[: min(k, len(probabilities))]
-        return [
-            {"label": self.card.labels[i], "index": int(i), "probability": float(probabilities[i])}
-            for i in order
-        ]
+        return tuple(ClassScore(self.card.labels[i], int(i), float(probabilities[i])) for i in order)
 
     def _runtime(self, revision: Revision, weights: Mapping[str, torch.Tensor] | None = None) -> Runtime:
         """The runtime serving ``revision``'s weights, from the per-worker LRU cache (keyed by sha256)."""
@@ -382,53 +415,50 @@ class ModelService:
 
     # ---- the other operations -------------------------------------------------------------------
 
-    def shapes(self, request: ShapesRequest) -> dict[str, Any]:
+    def shapes(self, request: ShapesRequest) -> ShapesReply:
         shape = request.input_shape or self.card.input_shape
-        return {
-            "model": self.name,
-            "version": self.card.version,
-            **layer_shapes(self._shape_model, shape).to_dict(),
-        }
+        return ShapesReply(self.name, self.card.version, layer_shapes(self._shape_model, shape))
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         card = self.card
-        return {
-            "model": self.name,
-            "version": card.version,
-            "architecture": card.architecture,
-            "arch_args": card.arch_args,
-            "input_shape": list(card.input_shape),
-            "labels": card.labels,
-            "normalization": {"mean": list(card.normalization.mean), "std": list(card.normalization.std)},
-            "preprocessing": {"resize": list(card.resize), "pad": card.pad},
-            "dataset": card.dataset,
-            "training": {
+        precision = precision_info(self.model_dir)
+        return ModelInfo(
+            model=self.name,
+            version=card.version,
+            architecture=card.architecture,
+            arch_args=card.arch_args,
+            input_shape=tuple(card.input_shape),
+            labels=tuple(card.labels),
+            mean=tuple(card.normalization.mean),
+            std=tuple(card.normalization.std),
+            resize=tuple(card.resize),
+            pad=card.pad,
+            dataset=card.dataset,
+            training={
                 k: card.training.get(k) for k in ("test_accuracy", "steps", "epochs_run", "wall_seconds")
             },
-            "formats": sorted(card.exports),
-            "format": self.config.format,
-            "device": self.device,
-            "provider": self.provider,
-            "requested_device": self.config.requested_device or self.config.device,
-            "parity": card.parity,
-            "base_sha256": card.weights_sha256,
-            "revision": self._head().revision,
-            "fine_tuning": self.store is not None,
-            "retention": self.config.retention,
-        }
+            formats=tuple(sorted(card.exports)),
+            format=self.config.format,
+            device=self.device,
+            provider=self.provider,
+            requested_device=self.config.requested_device or self.config.device,
+            parity=card.parity,
+            precision=precision["precision"],
+            precision_report={k: v for k, v in precision.items() if k != "precision"},
+            base_sha256=card.weights_sha256,
+            revision=self._head().revision,
+            fine_tuning=self.store is not None,
+            retention=self.config.retention,
+        )
 
-    def list_revisions(self) -> dict[str, Any]:
+    def list_revisions(self) -> RevisionsReply:
         if self.store is None:
-            return {"model": self.name, "head": 0, "revisions": [self.base.public()], "fine_tuning": False}
+            return RevisionsReply(self.name, 0, (_info(self.base),), fine_tuning=False)
         manifest = self.store.manifest()
-        return {
-            "model": self.name,
-            "head": manifest["head"],
-            "revisions": [Revision(**e).public() for e in manifest["revisions"]],
-            "fine_tuning": True,
-        }
+        revisions = tuple(_info(Revision(**e)) for e in manifest["revisions"])
+        return RevisionsReply(self.name, manifest["head"], revisions, fine_tuning=True)
 
-    def rollback(self, to_revision: int, kind: str) -> dict[str, Any]:
+    def rollback(self, to_revision: int, kind: str) -> RevisionChangeReply:
         """Make ``to_revision``'s weights the head again, as a new revision (rollback and reset)."""
         store = require_store(self.store)
         checked: dict[str, torch.Tensor] | None = None
@@ -447,14 +477,9 @@ class ModelService:
             revision.revision,
             to_revision,
         )
-        return {
-            "model": self.name,
-            "version": self.card.version,
-            **revision.public(),
-            "weights_of": to_revision,
-        }
+        return RevisionChangeReply(self.name, self.card.version, _info(revision), to_revision)
 
-    def finetune(self, request: FineTuneRequest) -> dict[str, Any]:
+    def finetune(self, request: FineTuneRequest) -> FineTuneReply:
         store = require_store(self.store)
         if request.lr > self.config.max_lr:
             raise InvalidInputError.for_field(
@@ -511,21 +536,24 @@ class ModelService:
                 raise
             # A snapshot, not views of the trainable parameters that the next step changes in place.
             weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
-            reply = {
-                "model": self.name,
-                "version": self.card.version,
-                "parent": head.revision,
-                "step": head.step + 1,
-                "loss_before": result.loss_before,
-                "loss_after": result.loss_after,
-                "batch_accuracy": result.batch_accuracy,
-                "grad_norm": result.grad_norm,
-                "grad_clipped": result.grad_clipped,
-                "max_grad_norm": settings.max_grad_norm,
-                "batch_size": len(labels),
-                "train_layers": settings.train_layers,
-                "lr": settings.lr,
-            }
+            answer = FineTuneReply(
+                model=self.name,
+                version=self.card.version,
+                revision=-1,  # the store numbers it
+                parent=head.revision,
+                step=head.step + 1,
+                loss_before=result.loss_before,
+                loss_after=result.loss_after,
+                batch_accuracy=result.batch_accuracy,
+                grad_norm=result.grad_norm,
+                batch_size=len(labels),
+                train_layers=settings.train_layers,
+                lr=settings.lr,
+                grad_clipped=result.grad_clipped,
+                max_grad_norm=settings.max_grad_norm,
+            )
+            # Kept with the revision for replays of this request_id (the store adds the revision number).
+            stored = {k: v for k, v in answer.to_json().items() if k not in ("revision", "replayed")}
             revision = store.append(
                 "step",
                 parent=head.revision,
@@ -533,7 +561,7 @@ class ModelService:
                 weights=weights,
                 momentum=buffers,
                 request_id=request.request_id,
-                result=reply,
+                result=stored,
             )
             trainer.revision, trainer.sha256 = revision.revision, revision.sha256
         self._runtime(revision, weights)  # this worker serves the new revision without re-reading it
@@ -544,7 +572,7 @@ class ModelService:
             result.loss_before,
             result.loss_after,
         )
-        return {**reply, "revision": revision.revision, "replayed": False}
+        return replace(answer, revision=revision.revision)
 
     def _diverged(self, exc: DivergedStepError, settings: StepSettings, head: Revision) -> CnnserveError:
         """FAILED_PRECONDITION for a refused step: what diverged, with which lr, and the unchanged head."""
@@ -563,7 +591,7 @@ class ModelService:
             "the gradient)"
         )
 
-    def _replay(self, request_id: str, done: Revision) -> dict[str, Any]:
+    def _replay(self, request_id: str, done: Revision) -> FineTuneReply:
         """The first result of ``request_id``: unless an older cnnserve stored that step diverged."""
         assert done.result is not None
         missing = [
@@ -577,7 +605,7 @@ class ModelService:
                 f"diverged ({missing[0]} is not finite); that revision is never served: Reset or roll back, "
                 "then send the step again with a new request_id"
             )
-        return {**done.result, "replayed": True}
+        return FineTuneReply.from_json({**done.result, "replayed": True})
 
     def _load_checked(self, revision: Revision) -> dict[str, torch.Tensor]:
         """A stored revision's weights; FAILED_PRECONDITION when they hold a NaN or an infinity.
@@ -598,7 +626,7 @@ class ModelService:
             "roll back to one, or Reset"
         )
 
-    def _trainer_at(self, head: Revision, store: RevisionStore) -> _Trainer:
+    def _trainer_at(self, head: Revision, store: AbstractRevisionStore) -> _Trainer:
         """The trainable copy, loaded with ``head``'s weights unless it already holds them."""
         if self._trainer is None:
             model = self.card.build_model().to(self.config.device)

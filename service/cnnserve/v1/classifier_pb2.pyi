@@ -168,7 +168,7 @@ class FineTuneStepRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., labels: _Optional[_Iterable[int]] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., train_layers: _Optional[_Union[TrainLayers, str]] = ..., request_id: _Optional[str] = ..., expected_revision: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class FineTuneStepResponse(_message.Message):
-    __slots__ = ("model", "version", "revision", "parent", "step", "loss_before", "loss_after", "batch_accuracy", "grad_norm", "replayed", "request_id", "timing", "grad_clipped")
+    __slots__ = ("model", "version", "revision", "parent", "step", "loss_before", "loss_after", "batch_accuracy", "grad_norm", "replayed", "request_id", "timing", "grad_clipped", "batch_size", "lr", "train_layers", "max_grad_norm")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,10 @@ class FineTuneStepResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     GRAD_CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     revision: int
@@ -195,7 +199,11 @@ class FineTuneStepResponse(_message.Message):
     request_id: str
     timing: Timing
     grad_clipped: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., batch_accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., grad_clipped: _Optional[bool] = ...) -> None: ...
+    batch_size: int
+    lr: float
+    train_layers: TrainLayers
+    max_grad_norm: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., batch_accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., grad_clipped: _Optional[bool] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., train_layers: _Optional[_Union[TrainLayers, str]] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -259,7 +267,7 @@ class ParityReport(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., samples: _Optional[int] = ..., dataset: _Optional[str] = ..., formats: _Optional[_Mapping[str, FormatParity]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("status", "architecture", "input_shape", "labels", "formats", "serving_format", "device", "parity", "revision", "fine_tuning", "mean", "std", "resize", "pad", "test_accuracy", "dataset", "provider", "requested_device")
+    __slots__ = ("status", "architecture", "input_shape", "labels", "formats", "serving_format", "device", "parity", "revision", "fine_tuning", "mean", "std", "resize", "pad", "test_accuracy", "dataset", "provider", "requested_device", "base_sha256", "retention", "precision", "precision_report")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +286,10 @@ class Model(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BASE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REPORT_FIELD_NUMBER: _ClassVar[int]
     status: ModelStatus
     architecture: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -296,7 +308,45 @@ class Model(_message.Message):
     dataset: str
     provider: str
     requested_device: str
-    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., formats: _Optional[_Iterable[str]] = ..., serving_format: _Optional[str] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., revision: _Optional[int] = ..., fine_tuning: _Optional[bool] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[_Iterable[int]] = ..., pad: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., dataset: _Optional[str] = ..., provider: _Optional[str] = ..., requested_device: _Optional[str] = ...) -> None: ...
+    base_sha256: str
+    retention: int
+    precision: str
+    precision_report: PrecisionReport
+    def __init__(self, status: _Optional[_Union[ModelStatus, _Mapping]] = ..., architecture: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., formats: _Optional[_Iterable[str]] = ..., serving_format: _Optional[str] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., revision: _Optional[int] = ..., fine_tuning: _Optional[bool] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[_Iterable[int]] = ..., pad: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., dataset: _Optional[str] = ..., provider: _Optional[str] = ..., requested_device: _Optional[str] = ..., base_sha256: _Optional[str] = ..., retention: _Optional[int] = ..., precision: _Optional[str] = ..., precision_report: _Optional[_Union[PrecisionReport, _Mapping]] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("dataset", "split", "count", "seed", "method", "per_channel")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    split: str
+    count: int
+    seed: int
+    method: str
+    per_channel: bool
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[str] = ..., per_channel: _Optional[bool] = ...) -> None: ...
+
+class PrecisionReport(_message.Message):
+    __slots__ = ("fp32_accuracy", "accuracy", "top1_agreement", "near_ties", "held_out_dataset", "held_out_samples", "calibration")
+    FP32_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    NEAR_TIES_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_DATASET_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    fp32_accuracy: float
+    accuracy: float
+    top1_agreement: float
+    near_ties: int
+    held_out_dataset: str
+    held_out_samples: int
+    calibration: Calibration
+    def __init__(self, fp32_accuracy: _Optional[float] = ..., accuracy: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., near_ties: _Optional[int] = ..., held_out_dataset: _Optional[str] = ..., held_out_samples: _Optional[int] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
 
 class ListRevisionsRequest(_message.Message):
     __slots__ = ("model", "version")
@@ -327,14 +377,16 @@ class Revision(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., kind: _Optional[str] = ..., parent: _Optional[int] = ..., step: _Optional[int] = ..., sha256: _Optional[str] = ..., created_unix: _Optional[float] = ..., pruned: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListRevisionsResponse(_message.Message):
-    __slots__ = ("model", "head", "revisions")
+    __slots__ = ("model", "head", "revisions", "fine_tuning")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNING_FIELD_NUMBER: _ClassVar[int]
     model: str
     head: int
     revisions: _containers.RepeatedCompositeFieldContainer[Revision]
-    def __init__(self, model: _Optional[str] = ..., head: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[Revision, _Mapping]]] = ...) -> None: ...
+    fine_tuning: bool
+    def __init__(self, model: _Optional[str] = ..., head: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[Revision, _Mapping]]] = ..., fine_tuning: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("model", "version", "to_revision")
@@ -355,11 +407,13 @@ class ResetRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RevisionChange(_message.Message):
-    __slots__ = ("model", "revision", "weights_of")
+    __slots__ = ("model", "revision", "weights_of", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_OF_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: Revision
     weights_of: int
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., weights_of: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[_Union[Revision, _Mapping]] = ..., weights_of: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...

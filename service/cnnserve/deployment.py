@@ -1,15 +1,26 @@
-"""The stack ``cnnserve serve`` runs: TorchServe and the gateway as child processes, the one way every client
-inside the project reaches the gateway, and the supervisor that restarts either process when it dies.
+"""One deployment: TorchServe and the gateway wired to it, as ``cnnserve serve`` and the benchmark run them,
+the one way every client inside the project reaches the gateway, and the supervisor that restarts either
+process when it dies.
 
+- :class:`Deployment`: built from a :class:`~cnnserve.torchserve.TorchServeSettings`, the user's
+  :class:`~cnnserve.gateway.settings.GatewaySettings` (or none: TorchServe only) and a state directory. It
+  wires the gateway to that TorchServe (:func:`wire_gateway`, the one place that does), starts both in order
+  and waits until each is ready, says where they answer and their pids, and stops them (the gateway first).
+  :meth:`Deployment.supervisor` keeps them running.
 - :func:`gateway_client`: ``ClassifierClient`` arguments for a client on this machine, from the gateway's
   :class:`~cnnserve.gateway.settings.GatewaySettings`: its port on loopback, its token, and with TLS the CA
   to trust (``--tls-ca``, else the gateway's own certificate, which is its own CA when self-signed) and the
   host name to dial (one the certificate names: the address itself, else ``localhost``/``127.0.0.1``).
   ``serve``'s readiness checks, the container probe and the benchmark's clients all use it.
-- :class:`GatewayProcess`: ``cnnserve gateway`` in its own process group.
+- :class:`GatewayProcess`: ``cnnserve gateway`` in its own process group; :class:`TorchServeChild`: a
+  :class:`~cnnserve.torchserve.TorchServe` as the supervisor sees it.
 - :class:`Supervisor`: starts the processes in order, then watches them; one that dies is described (exit
   code or signal, and where its logs are), the rest of its process group is stopped, and it is started
   again after a back-off, a bounded number of times (:class:`RestartPolicy`). The others keep running.
+
+Files in the state directory: ``gateway.pid`` and ``gateway.log`` (the gateway), ``torchserve/`` (when the
+TorchServe settings put it there, as ``serve`` and the benchmark do), and ``serve`` adds ``serve.pid`` and,
+detached, ``serve.log``.
 """
 
 from __future__ import annotations
@@ -23,24 +34,26 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import Protocol, TypedDict
 
-from cnnserve.errors import CnnserveError, FailedPreconditionError, UnavailableError
+from cnnserve.errors import CnnserveError, FailedPreconditionError, InvalidInputError, UnavailableError
 from cnnserve.gateway.settings import GatewaySettings, parse_address
 from cnnserve.processes import describe_exit, file_size, stop_child, tail
-
-if TYPE_CHECKING:
-    from cnnserve.torchserve import TorchServe, TorchServeSettings
+from cnnserve.torchserve import TorchServe, TorchServeSettings
 
 __all__ = [
+    "Deployment",
+    "wire_gateway",
+    "served_models",
     "GATEWAY_PID_FILE",
     "SERVE_PID_FILE",
     "SERVE_LOG",
     "GatewayClient",
     "gateway_client",
     "certificate_names",
+    "TorchServeWiring",
     "torchserve_wiring",
     "gateway_flags",
     "GatewayProcess",
@@ -167,10 +180,18 @@ def _health(client: GatewayClient, service: str, timeout: float) -> tuple[str | 
         return None, f"{error.kind.code_name}: {error.message}"
 
 
-# ---- the gateway process -------------------------------------------------------------------------------
+# ---- the gateway wired to TorchServe, and the two processes --------------------------------------------
 
 
-def torchserve_wiring(settings: TorchServeSettings) -> dict[str, str]:
+class TorchServeWiring(TypedDict):
+    """The :class:`~cnnserve.gateway.settings.GatewaySettings` fields that say which TorchServe to use."""
+
+    torchserve: str
+    torchserve_management: str
+    torchserve_key_file: str
+
+
+def torchserve_wiring(settings: TorchServeSettings) -> TorchServeWiring:
     """The :class:`~cnnserve.gateway.settings.GatewaySettings` fields that point a gateway at the TorchServe
     ``settings`` describe: its gRPC APIs, and its key file when token authorization is on."""
     return {
@@ -178,6 +199,12 @@ def torchserve_wiring(settings: TorchServeSettings) -> dict[str, str]:
         "torchserve_management": settings.grpc_management_target,
         "torchserve_key_file": str(settings.key_file.resolve()) if settings.token_auth else "",
     }
+
+
+def wire_gateway(gateway: GatewaySettings, torchserve: TorchServeSettings) -> GatewaySettings:
+    """``gateway`` pointed at the TorchServe ``torchserve`` describes, whatever its own ``torchserve*``
+    fields said: the gateway settings of every :class:`Deployment`."""
+    return replace(gateway, **torchserve_wiring(torchserve))
 
 
 def gateway_flags(settings: GatewaySettings) -> list[str]:
@@ -290,14 +317,25 @@ class GatewayProcess:
             self.process = None
 
 
+def served_models(settings: TorchServeSettings) -> tuple[str, ...]:
+    """The models a TorchServe with ``settings`` loads: its ``models``, else every archive in its model store
+    (by file name, sorted), as the store holds them now."""
+    return settings.models or tuple(sorted(path.stem for path in settings.model_store.glob("*.mar")))
+
+
 class TorchServeChild:
-    """A :class:`~cnnserve.torchserve.TorchServe`, ready when each of ``models`` has a READY worker."""
+    """A :class:`~cnnserve.torchserve.TorchServe`, ready when each of ``models`` has a READY worker (none
+    given: each model it loads, :func:`served_models`, read at every start)."""
 
     name = "TorchServe"
 
-    def __init__(self, torchserve: TorchServe, models: Sequence[str]) -> None:
+    def __init__(self, torchserve: TorchServe, models: Sequence[str] = ()) -> None:
         self.torchserve = torchserve
-        self.models = tuple(models)
+        self._models = tuple(models)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self._models or served_models(self.torchserve.settings)
 
     @property
     def process(self) -> subprocess.Popen[bytes] | None:
@@ -321,6 +359,16 @@ class TorchServeChild:
 
 def _lines(name: str, text: str) -> str:
     return f"; the last lines of {name}:\n{text}" if text else ""
+
+
+def _stop_all(children: Sequence[Supervised]) -> None:
+    """Stop ``children``, the last first (the gateway before TorchServe: it drains its calls); a failure is
+    logged and the rest are still stopped."""
+    for child in reversed(children):
+        try:
+            child.stop()
+        except Exception:
+            log.exception("stopping %s failed", child.name)
 
 
 # ---- the supervisor -----------------------------------------------------------------------------------
@@ -396,11 +444,7 @@ class Supervisor:
             self.stop()
 
     def stop(self) -> None:
-        for child in reversed(self.children):  # the gateway first: it drains its calls
-            try:
-                child.stop()
-            except Exception:
-                log.exception("stopping %s failed", child.name)
+        _stop_all(self.children)
 
     def _recover(self, index: int, returncode: int) -> None:
         child = self.children[index]
@@ -461,3 +505,104 @@ class Supervisor:
                 process = later.process
                 if process is None or process.poll() is None:  # one that died is reported by run()
                     log.warning("%s is not ready again: %s", later.name, error.message)
+
+
+# ---- the deployment -----------------------------------------------------------------------------------
+
+
+class Deployment:
+    """TorchServe with the ``torchserve`` settings and, unless ``gateway`` is None, ``cnnserve gateway`` in
+    front of it: each a child process in its own process group.
+
+    The gateway runs with the user's ``gateway`` settings wired to this TorchServe (:func:`wire_gateway`),
+    keeps ``gateway.pid`` and ``gateway.log`` in ``state_dir``, and needs a fixed ``listen`` port: its
+    clients, and a gateway started again after it died, dial the address its settings name. ``models`` are
+    those a start waits for a READY worker of (default: :func:`served_models`). ``tls_ca`` is the CA bundle
+    this process's own clients of the gateway trust (default: the gateway's certificate).
+
+    Building one checks what can be checked before anything starts (InvalidInputError for a port 0,
+    FailedPreconditionError for a certificate no client here could verify). :meth:`start` starts it once;
+    :meth:`supervisor` gives the :class:`Supervisor` that starts it and keeps it running.
+    """
+
+    def __init__(
+        self,
+        torchserve: TorchServeSettings,
+        gateway: GatewaySettings | None,
+        state_dir: Path,
+        *,
+        models: Sequence[str] = (),
+        tls_ca: str | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.torchserve = TorchServe(torchserve)
+        self._torchserve_child = TorchServeChild(self.torchserve, models)
+        self.gateway: GatewayProcess | None = None
+        if gateway is not None:
+            wired = wire_gateway(gateway, torchserve)
+            if parse_address(wired.listen)[1] == 0:
+                raise InvalidInputError.for_field(
+                    "listen", "the gateway of a deployment needs a fixed port (--listen HOST:PORT)"
+                )
+            self.gateway = GatewayProcess(state_dir, wired, tls_ca)
+
+    @property
+    def children(self) -> list[Supervised]:
+        """What runs, in the order it starts: TorchServe, then the gateway."""
+        return [self._torchserve_child, *([self.gateway] if self.gateway is not None else [])]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models a start waits for."""
+        return self._torchserve_child.models
+
+    @property
+    def gateway_client(self) -> GatewayClient | None:
+        """How a client on this machine reaches the gateway (None: TorchServe only)."""
+        return self.gateway.client if self.gateway is not None else None
+
+    @property
+    def gateway_target(self) -> str | None:
+        return self.gateway.target if self.gateway is not None else None
+
+    @property
+    def grpc_target(self) -> str:
+        """TorchServe's gRPC inference API, HOST:PORT."""
+        return self.torchserve.settings.grpc_inference_target
+
+    @property
+    def http_url(self) -> str:
+        """TorchServe's HTTP inference API."""
+        settings = self.torchserve.settings
+        return settings.url(settings.inference_port)
+
+    def supervisor(
+        self, policy: RestartPolicy, ready_timeout: float, stop: threading.Event | None = None
+    ) -> Supervisor:
+        """The supervisor that starts this deployment (:meth:`Supervisor.start`) and keeps it running
+        (:meth:`Supervisor.run`), restarting what dies as ``policy`` says."""
+        return Supervisor(self.children, policy, ready_timeout, stop)
+
+    def start(self, ready_timeout: float = 300.0, stop: threading.Event | None = None) -> bool:
+        """Start TorchServe and wait until each model has a READY worker, then the gateway and wait until it
+        is SERVING (each within ``ready_timeout`` seconds): True. False when ``stop`` was set first. One that
+        dies or is not ready in time stops everything and raises UnavailableError. Unsupervised: nothing
+        starts again what dies later."""
+        return self.supervisor(RestartPolicy(max_restarts=0), ready_timeout, stop).start()
+
+    def pids(self) -> dict[str, int]:
+        """``{"torchserve": pid, "gateway": pid}`` of the processes started (and not stopped)."""
+        started = {"torchserve": self._torchserve_child.process}
+        if self.gateway is not None:
+            started["gateway"] = self.gateway.process
+        return {name: process.pid for name, process in started.items() if process is not None}
+
+    def stop(self) -> None:
+        """Stop the gateway (it drains its calls), then TorchServe; what does not run is skipped."""
+        _stop_all(self.children)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,129 +1,71 @@
-"""The handler's request protocol: what a TorchServe request may carry, parsed into typed requests.
-
-One TorchServe model serves every operation on a network; a request says which with ``op``. Three encodings
-reach the handler (see ``docs/handler-protocol.md``):
-
-1. **Raw bytes** (``curl -T digit.png``): TorchServe hands us ``{"body": <bytes>}``: classify one image.
-2. **JSON** (``Content-Type: application/json``): ``{"op": ..., "inputs": [...], ...}``. Images travel as
-   ``{"image_b64": ...}``, tensors as ``{"shape": [...], "data": [floats]}`` or with ``data_b64``.
-   A bare ``{"shape": ..., "data": ...}`` is one tensor to classify.
-3. **Envelope** (the gateway, over TorchServe's gRPC ``input`` map): ``op`` and ``meta`` (JSON, the same
-   fields as 2 with inputs described as ``{"kind": "image"}`` or ``{"kind": "tensor", "shape": [...]}``),
-   and the raw input bytes under ``input.0``, ``input.1``, ... so nothing is base64-encoded on the hot path.
-"""
+"""The bytes on the wire: the envelope the gateway sends, the three encodings the worker parses, the JSON
+replies the gateway reads back."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
-
-from cnnserve.errors import InvalidInputError
-
-__all__ = [
-    "OPS",
-    "RawInput",
-    "ClassifyRequest",
-    "ShapesRequest",
-    "FineTuneRequest",
-    "InfoRequest",
-    "RevisionsRequest",
-    "RollbackRequest",
-    "ResetRequest",
-    "Request",
-    "parse_request",
-    "encode_json",
-    "describe_inputs",
-    "envelope",
-    "DEFAULT_TOP_K",
-    "TRAIN_LAYERS",
-]
-
-OPS = ("classify", "shapes", "finetune", "info", "revisions", "rollback", "reset")
-TRAIN_LAYERS = ("all", "classifier")
-DEFAULT_TOP_K = 5
-_BODY_KEYS = ("body", "data")
-
-
-@dataclass(frozen=True)
-class RawInput:
-    """One input before decoding: encoded image bytes, or little-endian float32 bytes with a shape."""
-
-    data: bytes
-    shape: tuple[int, ...] | None = None  # None: an encoded image
-
-    @property
-    def is_tensor(self) -> bool:
-        return self.shape is not None
-
-
-@dataclass(frozen=True)
-class ClassifyRequest:
-    inputs: tuple[RawInput, ...]
-    top_k: int = DEFAULT_TOP_K
-    revision: int | None = None  # pin a revision (0 = the trained base)
-    min_revision: int | None = None  # read-your-writes: serve this revision or a newer one
-    per_input_errors: bool = False  # report a bad input in its slot instead of failing the request
-
-
-@dataclass(frozen=True)
-class ShapesRequest:
-    input_shape: tuple[int, ...] | None = None  # None: the model's own input shape
-
-
-@dataclass(frozen=True)
-class FineTuneRequest:
-    inputs: tuple[RawInput, ...]
-    labels: tuple[int, ...]
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    train_layers: str = "all"
-    request_id: str | None = None  # a repeat returns the first result instead of stepping again
-    expected_revision: int | None = None  # refuse (409) when the head has moved on
-    max_grad_norm: float | None = None  # clip the gradient's total L2 norm to this; None (or 0): no clipping
-
-
-@dataclass(frozen=True)
-class InfoRequest:
-    pass
-
-
-@dataclass(frozen=True)
-class RevisionsRequest:
-    pass
-
-
-@dataclass(frozen=True)
-class RollbackRequest:
-    to_revision: int
-
-
-@dataclass(frozen=True)
-class ResetRequest:
-    pass
-
-
-# typing.Union, not "A | B": this module runs in TorchServe workers, which may be Python 3.9.
-Request = Union[
+from cnnserve.contract.defaults import (
+    DEFAULT_MOMENTUM,
+    DEFAULT_TOP_K,
+    DEFAULT_TRAIN_LAYERS,
+    DEFAULT_WEIGHT_DECAY,
+    MAX_REQUEST_ID_CHARS,
+    OPS,
+    TRAIN_LAYERS,
+)
+from cnnserve.contract.replies import error_from_json
+from cnnserve.contract.requests import (
     ClassifyRequest,
-    ShapesRequest,
     FineTuneRequest,
     InfoRequest,
+    Operation,
+    RawInput,
+    Reply,
+    Request,
+    ResetRequest,
     RevisionsRequest,
     RollbackRequest,
-    ResetRequest,
-]
+    ShapesRequest,
+)
+from cnnserve.errors import InternalError, InvalidInputError
+
+_BODY_KEYS = ("body", "data")
+
+log = logging.getLogger(__name__)
 
 
 def encode_json(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def envelope(request: Operation[Any]) -> dict[str, bytes]:
+    """``request`` as TorchServe's gRPC ``input`` map: ``op``, ``meta`` as JSON, ``input.<i>`` raw bytes."""
+    encoded = {"op": request.op.encode(), "meta": encode_json(request.meta())}
+    for index, item in enumerate(request.raw_inputs()):
+        encoded[f"input.{index}"] = item.data
+    return encoded
+
+
+def read_reply(request: Operation[Reply], data: bytes | str) -> Reply:
+    """The worker's answer to ``request``: its reply type, or the error it answered raised here."""
+    try:
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
+        if "error" in body:
+            error = body["error"]
+            raise error_from_json(error if isinstance(error, dict) else {"message": str(error)})
+        return request.read(body)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("an unreadable %s reply (%s): %r", request.op, exc, data[:200])
+        raise InternalError(f"the model returned an unreadable {request.op} reply") from None
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -220,6 +162,8 @@ def _json_input(item: Any, index: int) -> RawInput:
     shape = _shape(item["shape"], f"{field}.shape")
     if "data_b64" in item:
         return RawInput(_b64(item["data_b64"], f"{field}.data_b64"), shape)
+    import numpy as np
+
     values = item.get("data")
     if not isinstance(values, list):
         raise InvalidInputError.for_field(f"{field}.data", "expected a flat list of numbers")
@@ -253,19 +197,21 @@ def _shape(value: Any, field: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _int(body: Mapping[str, Any], key: str, default: int | None, minimum: int = 0) -> int | None:
+def _int(body: Mapping[str, Any], key: str, default: int | None = None) -> int | None:
+    """An optional integer field; its range is the request type's check."""
     value = body.get(key, default)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidInputError.for_field(key, f"expected an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInputError.for_field(key, f"expected an integer, got {value!r}")
     return value
 
 
-def _float(body: Mapping[str, Any], key: str, default: float | None) -> float:
+def _float(body: Mapping[str, Any], key: str, default: float | None = None) -> float | None:
+    """An optional number field; its range is the request type's check."""
     value = body.get(key, default)
     if value is None:
-        raise InvalidInputError.for_field(key, "is required")
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInputError.for_field(key, f"expected a finite number, got {value!r}")
     return float(value)
@@ -276,14 +222,12 @@ def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
     if op not in OPS:
         raise InvalidInputError.for_field("op", f"unknown operation {op!r} (known: {', '.join(OPS)})")
     if op == "classify":
-        if not inputs:
-            raise InvalidInputError.for_field("inputs", "no inputs to classify")
-        top_k = _int(body, "top_k", DEFAULT_TOP_K, minimum=1)
+        top_k = _int(body, "top_k")
         return ClassifyRequest(
             inputs=inputs,
-            top_k=top_k or DEFAULT_TOP_K,
-            revision=_int(body, "revision", None),
-            min_revision=_int(body, "min_revision", None),
+            top_k=DEFAULT_TOP_K if top_k is None else top_k,  # absent or null: the default
+            revision=_int(body, "revision"),
+            min_revision=_int(body, "min_revision"),
             per_input_errors=bool(body.get("per_input_errors", False)),
         )
     if op == "shapes":
@@ -292,7 +236,7 @@ def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
     if op == "finetune":
         return _build_finetune(body, inputs)
     if op == "rollback":
-        to_revision = _int(body, "to_revision", None)
+        to_revision = _int(body, "to_revision")
         if to_revision is None:
             raise InvalidInputError.for_field("to_revision", "is required")
         return RollbackRequest(to_revision)
@@ -305,61 +249,32 @@ def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
 
 
 def _build_finetune(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> FineTuneRequest:
-    if not inputs:
-        raise InvalidInputError.for_field("inputs", "a fine-tune step needs at least one input")
     labels = body.get("labels")
     if not isinstance(labels, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in labels
     ):
         raise InvalidInputError.for_field("labels", "expected a list of integer class indices")
-    if len(labels) != len(inputs):
-        raise InvalidInputError.for_field("labels", f"{len(labels)} labels for {len(inputs)} inputs")
-    lr = _float(body, "lr", None)
-    if lr <= 0:
-        raise InvalidInputError.for_field("lr", f"must be > 0, got {lr}")
-    momentum = _float(body, "momentum", 0.9)
-    if not 0.0 <= momentum < 1.0:
-        raise InvalidInputError.for_field("momentum", f"must be in [0, 1), got {momentum}")
-    weight_decay = _float(body, "weight_decay", 0.0)
-    if weight_decay < 0:
-        raise InvalidInputError.for_field("weight_decay", f"must be >= 0, got {weight_decay}")
-    train_layers = body.get("train_layers", "all")
-    if train_layers not in TRAIN_LAYERS:
+    lr = _float(body, "lr")
+    if lr is None:
+        raise InvalidInputError.for_field("lr", "is required")
+    train_layers = body.get("train_layers", DEFAULT_TRAIN_LAYERS)
+    if not isinstance(train_layers, str):
         raise InvalidInputError.for_field("train_layers", f"expected one of {', '.join(TRAIN_LAYERS)}")
-    max_grad_norm = None
-    if body.get("max_grad_norm") is not None:
-        max_grad_norm = _float(body, "max_grad_norm", None)
-        if max_grad_norm < 0:
-            raise InvalidInputError.for_field(
-                "max_grad_norm", f"must be > 0 (0 or null: no clipping), got {max_grad_norm}"
-            )
     request_id = body.get("request_id")
-    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 128):
-        raise InvalidInputError.for_field("request_id", "expected a string of 1 to 128 characters")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInputError.for_field(
+            "request_id", f"expected a string of 1 to {MAX_REQUEST_ID_CHARS} characters"
+        )
+    momentum = _float(body, "momentum", DEFAULT_MOMENTUM)
+    weight_decay = _float(body, "weight_decay", DEFAULT_WEIGHT_DECAY)
     return FineTuneRequest(
         inputs=inputs,
         labels=tuple(labels),
         lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
+        momentum=DEFAULT_MOMENTUM if momentum is None else momentum,
+        weight_decay=DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay,
         train_layers=train_layers,
-        request_id=request_id or None,
-        expected_revision=_int(body, "expected_revision", None),
-        max_grad_norm=max_grad_norm or None,
+        request_id=request_id,
+        expected_revision=_int(body, "expected_revision"),
+        max_grad_norm=_float(body, "max_grad_norm") or None,  # absent, null or 0: no clipping
     )
-
-
-def describe_inputs(inputs: Sequence[RawInput]) -> list[dict[str, Any]]:
-    """The ``meta.inputs`` descriptors for an envelope carrying ``inputs``."""
-    return [
-        {"kind": "tensor", "shape": list(i.shape)} if i.shape is not None else {"kind": "image"}
-        for i in inputs
-    ]
-
-
-def envelope(op: str, meta: Mapping[str, Any], payloads: Sequence[bytes]) -> dict[str, bytes]:
-    """An envelope request (what :func:`parse_request` reads): ``op``, ``meta`` as JSON, ``input.<i>``."""
-    request = {"op": op.encode(), "meta": json.dumps(meta, separators=(",", ":")).encode()}
-    for index, payload in enumerate(payloads):
-        request[f"input.{index}"] = payload
-    return request

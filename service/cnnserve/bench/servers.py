@@ -1,4 +1,6 @@
-"""What the benchmark runs against: model artifacts, TorchServe, the gateway, and meters on their CPU.
+"""What the benchmark runs against: model artifacts, the deployment it measures (TorchServe and the gateway,
+as :class:`~cnnserve.deployment.Deployment` runs them for ``cnnserve serve``), the gateway on the in-process
+backend (smoke runs), and meters on their CPU and micro-batches.
 
 Layout under the work directory (default ``var/bench``; reused between runs):
 
@@ -25,9 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cnnserve.deployment import Deployment, GatewayClient
     from cnnserve.gateway.server import GatewayThread
     from cnnserve.gateway.settings import GatewaySettings
-    from cnnserve.stack import GatewayClient
 
 __all__ = [
     "MODELS",
@@ -196,85 +198,67 @@ class GatewayBatches:
 
 
 class ServerStack:
-    """TorchServe serving ``bench_store`` on free loopback ports, and ``cnnserve gateway`` in front of it."""
+    """The :class:`~cnnserve.deployment.Deployment` the benchmark measures: TorchServe serving ``bench_store``
+    on free loopback ports, and ``cnnserve gateway`` in front of it with ``gateway_args`` (``cnnserve
+    gateway`` flags; its ``--torchserve*`` flags are ignored: it is wired to this TorchServe)."""
 
     def __init__(self, artifacts: Artifacts, state_dir: Path, gateway_args: Sequence[str] = ()) -> None:
+        from cnnserve.deployment import Deployment
         from cnnserve.processes import free_ports
-        from cnnserve.stack import gateway_client
-        from cnnserve.torchserve import TorchServe, TorchServeSettings
+        from cnnserve.torchserve import TorchServeSettings
 
         assert artifacts.bench_store is not None
         if state_dir.exists():
             shutil.rmtree(state_dir)  # a fresh revision store: every run starts from the trained base
-        self.state_dir = state_dir
-        ports = free_ports(7)  # TorchServe's five, the gateway's and its metrics'
-        self.torchserve = TorchServe(
-            TorchServeSettings.with_ports(
-                artifacts.bench_store, state_dir / "torchserve", state_dir / "revisions", ports[:5]
-            )
+        ports = free_ports(8)  # TorchServe's five, the gateway's, its metrics' and its OIP REST API's
+        torchserve = TorchServeSettings.with_ports(
+            artifacts.bench_store, state_dir / "torchserve", state_dir / "revisions", ports[:5]
         )
         self.metrics_url = f"http://127.0.0.1:{ports[6]}/metrics"
         self.gateway_args = list(gateway_args)
         arguments = [
             "--listen", f"127.0.0.1:{ports[5]}",
             "--metrics-listen", f"127.0.0.1:{ports[6]}",
-            *(f"--{name.replace('_', '-')}={value}" for name, value in self._wiring().items()),
+            "--http-listen", f"127.0.0.1:{ports[7]}",
             *self.gateway_args,
         ]  # fmt: skip
-        self.gateway_settings = _gateway_settings(arguments)
+        models = tuple(m + suffix for m in MODELS for suffix in ("", BATCHED_SUFFIX))
+        self.deployment: Deployment = Deployment(
+            torchserve, _parse_gateway_args(arguments), state_dir, models=models
+        )
+        assert self.deployment.gateway_client is not None and self.deployment.gateway_target is not None
         # The load generator and the fine-tune client follow the gateway's TLS and token (--gateway-arg).
-        self.gateway_client: GatewayClient = gateway_client(self.gateway_settings)
-        self.gateway_target = self.gateway_client["target"]
-        self.gateway: Any = None
-
-    def _wiring(self) -> dict[str, str]:
-        from cnnserve.stack import torchserve_wiring
-
-        return torchserve_wiring(self.torchserve.settings)
+        self.gateway_client: GatewayClient = self.deployment.gateway_client
+        self.gateway_target: str = self.deployment.gateway_target
 
     @property
     def models(self) -> tuple[str, ...]:
-        return tuple(m + suffix for m in MODELS for suffix in ("", BATCHED_SUFFIX))
+        return self.deployment.models
 
     @property
     def grpc_target(self) -> str:
-        return self.torchserve.settings.grpc_inference_target
+        return self.deployment.grpc_target
 
     @property
     def http_target(self) -> str:
-        settings = self.torchserve.settings
+        settings = self.deployment.torchserve.settings
         return f"{settings.host}:{settings.inference_port}"
 
     @property
     def inference_key(self) -> str:
-        return self.torchserve.keys().inference or ""
+        return self.deployment.torchserve.keys().inference or ""
 
     def start(self, log: Log, timeout: float = 300.0) -> None:
-        from cnnserve.stack import GatewayProcess
-
         started = time.monotonic()
         log(f"starting TorchServe with {', '.join(self.models)} ...")
-        self.torchserve.start()
-        self.torchserve.wait_ready(self.models, timeout=timeout)
-        self.gateway = GatewayProcess(self.state_dir, self.gateway_settings)
-        self.gateway.start()
-        self.gateway.wait_serving(timeout=60)
+        self.deployment.start(ready_timeout=timeout)
         log(f"TorchServe and the gateway are ready ({time.monotonic() - started:.0f} s)")
 
     def pids(self) -> dict[str, int]:
-        pids = {}
-        if self.torchserve.process is not None:
-            pids["torchserve"] = self.torchserve.process.pid
-        if self.gateway is not None and self.gateway.process is not None:
-            pids["gateway"] = self.gateway.process.pid
-        return pids
+        return self.deployment.pids()
 
     def stop(self) -> None:
-        try:
-            if self.gateway is not None:
-                self.gateway.stop()
-        finally:
-            self.torchserve.stop()
+        self.deployment.stop()
 
     def __enter__(self) -> ServerStack:
         return self
@@ -283,7 +267,7 @@ class ServerStack:
         self.stop()
 
 
-def _gateway_settings(arguments: Sequence[str]) -> GatewaySettings:
+def _parse_gateway_args(arguments: Sequence[str]) -> GatewaySettings:
     """``cnnserve gateway ARGUMENTS`` as settings (defaults from the environment, as the gateway reads
     them)."""
     from cnnserve.errors import InvalidInputError
@@ -314,5 +298,7 @@ def inprocess_gateway(exports: dict[str, Path], revisions_dir: Path) -> GatewayT
 
     config = ServiceConfig(revisions_dir=str(revisions_dir))
     backend = InProcessBackend({name: ModelService(path, config, name) for name, path in exports.items()})
-    settings = GatewaySettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", health_interval=1.0)
+    settings = GatewaySettings(
+        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", http_listen="127.0.0.1:0", health_interval=1.0
+    )
     return GatewayThread(settings, backend)

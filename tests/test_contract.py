@@ -1,25 +1,41 @@
-"""The handler's request protocol: raw bytes, JSON and the gateway's envelope parse into typed requests."""
+"""The gateway-worker contract: raw bytes, JSON and the gateway's envelope parse into typed requests, and
+each request's reply reads back as its own type."""
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from cnnserve.errors import InvalidInputError
-from cnnserve.serving.protocol import (
+from cnnserve.contract import (
+    ClassifyReply,
     ClassifyRequest,
+    ClassScore,
+    FineTuneReply,
     FineTuneRequest,
     InfoRequest,
+    Operation,
     RawInput,
     ResetRequest,
+    RevisionChangeReply,
+    RevisionInfo,
+    RevisionsReply,
+    RevisionsRequest,
     RollbackRequest,
     ShapesRequest,
-    describe_inputs,
+    WorkerTiming,
+    check_tensor,
+    encode_json,
+    envelope,
+    error_json,
     parse_request,
+    read_reply,
 )
+from cnnserve.errors import ConflictError, InternalError, InvalidInputError
 
 
 def test_raw_bytes_are_one_image() -> None:
@@ -48,7 +64,12 @@ def test_bare_tensor_and_base64_forms() -> None:
 
 def test_envelope_carries_raw_bytes() -> None:
     inputs = (RawInput(b"png-bytes"), RawInput(np.zeros(4, "<f4").tobytes(), (1, 2, 2)))
-    meta = {"inputs": describe_inputs(inputs), "top_k": 2, "min_revision": 3, "per_input_errors": True}
+    meta = {
+        "inputs": [{"kind": "image"}, {"kind": "tensor", "shape": [1, 2, 2]}],
+        "top_k": 2,
+        "min_revision": 3,
+        "per_input_errors": True,
+    }
     raw = {
         "op": b"classify",
         "meta": json.dumps(meta).encode(),
@@ -57,6 +78,7 @@ def test_envelope_carries_raw_bytes() -> None:
     }
     request = parse_request(raw)
     assert request == ClassifyRequest(inputs=inputs, top_k=2, min_revision=3, per_input_errors=True)
+    assert parse_request(envelope(request)) == request  # what the gateway sends is what the worker reads
 
 
 def test_other_operations() -> None:
@@ -129,3 +151,89 @@ def test_bad_requests_name_the_field(raw: dict[str, object], field: str) -> None
     with pytest.raises(InvalidInputError) as caught:
         parse_request(raw)
     assert caught.value.violations[0].field == field
+
+
+# ---- replies: what the worker writes, the gateway reads back as the request's own type -------------------
+
+
+def _revision(number: int, kind: str = "step") -> RevisionInfo:
+    return RevisionInfo(number, kind, number - 1, number, "ab" * 32, 1.5, False, f"id-{number}")
+
+
+REPLIES = [
+    (
+        ClassifyRequest((RawInput(b"x"), RawInput(b"y")), per_input_errors=True),
+        ClassifyReply(
+            "lenet",
+            "1.0",
+            3,
+            (
+                (ClassScore("7", 7, 0.75), ClassScore("1", 1, 0.25)),
+                InvalidInputError.for_field("inputs[1]", "bad"),
+            ),
+            format="onnx",
+            device="cpu",
+            provider="CPUExecutionProvider",
+            worker=1234,
+            timing=WorkerTiming(1.25, 2.5, 2),
+        ),
+    ),
+    (
+        FineTuneRequest((RawInput(b"x"),), (1,), 0.01),
+        FineTuneReply("lenet", "1.0", 4, 3, 4, 2.0, 1.5, 0.5, 7.0, 1, "all", 0.01, True, 2.5, False),
+    ),
+    (
+        RevisionsRequest(),
+        RevisionsReply("lenet", 2, (_revision(0, "base"), _revision(1), _revision(2)), True),
+    ),
+    (RollbackRequest(1), RevisionChangeReply("lenet", "1.0", _revision(3, "rollback"), 1)),
+    (ResetRequest(), RevisionChangeReply("lenet", "1.0", _revision(4, "reset"), 0)),
+]
+
+
+@pytest.mark.parametrize(("request_", "reply"), REPLIES, ids=lambda r: type(r).__name__)
+def test_each_reply_reads_back_as_its_own_type(request_: Operation[Any], reply: Any) -> None:
+    read = read_reply(request_, encode_json(reply.to_json()))
+    if isinstance(reply, ClassifyReply):  # errors compare by what they say, not by identity
+        scores, error = read.predictions
+        assert scores == reply.predictions[0]
+        assert isinstance(error, InvalidInputError) and error.violations[0].field == "inputs[1]"
+        assert replace(read, predictions=()) == replace(reply, predictions=())
+    else:
+        assert read == reply
+
+
+def test_an_error_reply_raises_the_error_it_names_and_garbage_is_internal() -> None:
+    body = encode_json(error_json(ConflictError("lenet is at revision 3, not the expected 2")))
+    with pytest.raises(ConflictError, match="not the expected 2"):
+        read_reply(InfoRequest(), body)
+    for garbage in (b"not json", b"[1, 2]", b'{"model": "lenet"}'):
+        with pytest.raises(InternalError, match="unreadable info reply"):
+            read_reply(InfoRequest(), garbage)
+
+
+def test_requests_check_themselves_wherever_they_are_built() -> None:
+    """The gateway builds the same types before the hop that the worker parses on arrival: one check."""
+    one = (RawInput(b"x"),)
+    for bad, field in [
+        (lambda: ClassifyRequest(()), "inputs"),
+        (lambda: ClassifyRequest(one, top_k=1001), "top_k"),
+        (lambda: ClassifyRequest(one, min_revision=-1), "min_revision"),
+        (lambda: FineTuneRequest(one, (1, 2), 0.1), "labels"),
+        (lambda: FineTuneRequest(one, (1,), float("nan")), "lr"),
+        (lambda: FineTuneRequest(one, (1,), 0.1, max_grad_norm=-1.0), "max_grad_norm"),
+        (lambda: FineTuneRequest(one, (1,), 0.1, request_id="x" * 129), "request_id"),
+    ]:
+        with pytest.raises(InvalidInputError) as caught:
+            bad()
+        assert caught.value.violations[0].field == field
+
+
+def test_tensor_checks_name_the_field_they_are_given() -> None:
+    data = np.zeros(4, "<f4").tobytes()
+    assert check_tensor(data, [1, 2, 2], "inputs[0].tensor") == (1, 2, 2)
+    with pytest.raises(InvalidInputError) as caught:
+        check_tensor(data[:-4], [1, 2, 2], "inputs[0].tensor")
+    assert caught.value.violations[0].field == "inputs[0].tensor.data"
+    with pytest.raises(InvalidInputError, match="NaN"):
+        check_tensor(np.full(4, np.nan, "<f4").tobytes(), [4], "inputs[0]")

@@ -1,0 +1,105 @@
+"""The one contract between the gateway and the TorchServe worker: typed requests and replies.
+
+Both sides use this module, so one field, default or check of an operation is written here once:
+
+- the gateway builds a request (its ``__post_init__`` runs the operation's checks before the hop), sends it
+  with :func:`envelope` and reads the worker's answer back with :func:`read_reply`, which gives the request's
+  own reply type (or raises the worker's error);
+- the worker parses what TorchServe hands it with :func:`parse_request` (three encodings, below), which builds
+  the same request types and so runs the same checks on arrival, and answers with a reply's ``to_json``.
+
+Three encodings reach the worker (``docs/handler-protocol.md``):
+
+1. **Raw bytes** (``curl -T digit.png``): TorchServe hands us ``{"body": <bytes>}``: classify one image.
+2. **JSON** (``Content-Type: application/json``): ``{"op": ..., "inputs": [...], ...}``. Images travel as
+   ``{"image_b64": ...}``, tensors as ``{"shape": [...], "data": [floats]}`` or with ``data_b64``.
+   A bare ``{"shape": ..., "data": ...}`` is one tensor to classify.
+3. **Envelope** (the gateway, over TorchServe's gRPC ``input`` map): ``op`` and ``meta`` (JSON, the same
+   fields as 2 with inputs described as ``{"kind": "image"}`` or ``{"kind": "tensor", "shape": [...]}``),
+   and the raw input bytes under ``input.0``, ``input.1``, ... so nothing is base64-encoded on the hot path.
+
+Replies are JSON objects; a failed request's is ``{"error": {"code", "message", "field_violations"}}``.
+The module is torch-free and Python 3.9-compatible: it ships inside the archives with the worker code.
+
+The package: :mod:`.defaults` (every default and bound, once), :mod:`.requests` (request types and their
+checks), :mod:`.replies` (reply types and the error body), :mod:`.wire` (the encodings). Import from here.
+"""
+
+from cnnserve.contract.defaults import (
+    DEFAULT_MOMENTUM,
+    DEFAULT_TOP_K,
+    DEFAULT_TRAIN_LAYERS,
+    DEFAULT_WEIGHT_DECAY,
+    MAX_REQUEST_ID_CHARS,
+    MAX_TOP_K,
+    OPS,
+    TRAIN_LAYERS,
+)
+from cnnserve.contract.replies import (
+    ClassifyReply,
+    ClassScore,
+    FineTuneReply,
+    ModelInfo,
+    Prediction,
+    RevisionChangeReply,
+    RevisionInfo,
+    RevisionsReply,
+    ShapesReply,
+    WorkerTiming,
+    error_from_json,
+    error_json,
+)
+from cnnserve.contract.requests import (
+    ClassifyRequest,
+    FineTuneRequest,
+    InfoRequest,
+    Operation,
+    RawInput,
+    Request,
+    ResetRequest,
+    RevisionsRequest,
+    RollbackRequest,
+    ShapesRequest,
+    check_image,
+    check_tensor,
+)
+from cnnserve.contract.wire import encode_json, envelope, parse_request, read_reply
+
+__all__ = [
+    "OPS",
+    "TRAIN_LAYERS",
+    "DEFAULT_TOP_K",
+    "MAX_TOP_K",
+    "DEFAULT_MOMENTUM",
+    "DEFAULT_WEIGHT_DECAY",
+    "DEFAULT_TRAIN_LAYERS",
+    "MAX_REQUEST_ID_CHARS",
+    "RawInput",
+    "check_image",
+    "check_tensor",
+    "ClassifyRequest",
+    "ShapesRequest",
+    "FineTuneRequest",
+    "InfoRequest",
+    "RevisionsRequest",
+    "RollbackRequest",
+    "ResetRequest",
+    "Operation",
+    "Request",
+    "ClassScore",
+    "Prediction",
+    "WorkerTiming",
+    "ClassifyReply",
+    "ShapesReply",
+    "FineTuneReply",
+    "ModelInfo",
+    "RevisionInfo",
+    "RevisionsReply",
+    "RevisionChangeReply",
+    "parse_request",
+    "envelope",
+    "read_reply",
+    "encode_json",
+    "error_json",
+    "error_from_json",
+]
