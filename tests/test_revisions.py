@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnserve.errors import NotFoundError
-from cnnserve.serving.revisions import RevisionStore
+from cnnserve.errors import ConflictError, NotFoundError
+from cnnserve.serving.revisions import AbstractRevisionStore, FileRevisionStore, RevisionStore
 from cnnserve.weights import save_weights
 
 
@@ -123,3 +123,27 @@ def test_concurrent_writers_in_separate_processes_never_lose_a_revision(tmp_path
     assert [r.revision for r in revisions] == list(range(16))
     # each step's parent is the revision before it: the lock made every read-modify-write whole
     assert [r.parent for r in revisions[1:]] == list(range(15))
+
+
+def test_the_file_store_is_the_interface_the_worker_uses(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    assert RevisionStore is FileRevisionStore and isinstance(store, AbstractRevisionStore)
+    with pytest.raises(TypeError, match="abstract"):
+        AbstractRevisionStore()  # type: ignore[abstract]
+
+
+def test_a_commit_on_a_stale_parent_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """Two handles on one directory, as two replicas on a shared volume: the second, still at the base,
+    cannot commit a second child of revision 0 (it would fork the history)."""
+    store = make_store(tmp_path)
+    other = RevisionStore(tmp_path / "store", "m", "1.0", store.base_sha256, store.base_weights)
+    with store.locked():
+        store.append("step", parent=0, step=1, weights={"w": torch.ones(3)}, request_id="r1", result={"x": 1})
+    before = sorted((p.name, p.read_bytes()) for p in store.directory.iterdir())
+    with other.locked(), pytest.raises(ConflictError, match="head is 1, not the parent 0"):
+        other.append("step", parent=0, step=1, weights={"w": torch.full((3,), 9.0)})
+    assert sorted((p.name, p.read_bytes()) for p in store.directory.iterdir()) == before
+    # what one handle committed, the other reads at once (HEAD and the manifest are read on every call)
+    assert other.head() == store.head() and other.head()[0] == 1
+    found = other.find_request("r1")
+    assert found is not None and found.revision == 1

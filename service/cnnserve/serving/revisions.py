@@ -20,10 +20,17 @@ any non-finite float in a step's result becoming ``null``), and weights or momen
 are refused before anything is written. A manifest written by an older cnnserve may hold ``NaN``: it is read
 with such values as ``None`` (and rewritten strict at the next commit); such a revision's weights are refused
 where they would be served (``ModelService``).
+
+:class:`AbstractRevisionStore` is what the worker needs of a store (read the head, read a revision, commit a
+new revision on top of its parent, find a step by its request id, momentum); :class:`FileRevisionStore` is the
+implementation that ships (a local disk, or a POSIX volume the replicas share), still constructible under its
+old name :data:`RevisionStore`. docs/finetune.md says what holds across replicas, and what an object-store or
+database-backed implementation would need.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import json
@@ -31,17 +38,26 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from cnnserve.errors import FailedPreconditionError, NotFoundError
+from cnnserve.errors import ConflictError, FailedPreconditionError, NotFoundError
 from cnnserve.serving.finetune import first_non_finite
 from cnnserve.weights import load_weights, read_metadata, save_weights
 
-__all__ = ["Revision", "RevisionStore", "DEFAULT_RETENTION", "finite_json"]
+__all__ = [
+    "Revision",
+    "AbstractRevisionStore",
+    "FileRevisionStore",
+    "RevisionStore",
+    "DEFAULT_RETENTION",
+    "finite_json",
+    "require_store",
+]
 
 DEFAULT_RETENTION = 10  # besides the base
 MANIFEST = "manifest.json"
@@ -79,8 +95,91 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class RevisionStore:
-    """One model's revisions. Safe to use from many processes at once."""
+class AbstractRevisionStore(abc.ABC):
+    """One model's revisions, shared by every worker of every replica: what the worker needs of a store.
+
+    Readers never wait for a writer: ``head`` and ``manifest`` return committed states, never a torn one, and
+    a committed revision never changes. A writer calls ``find_request`` and ``append`` inside ``locked()``;
+    ``append`` commits only on top of ``parent`` (``ConflictError`` when the head has moved): a store with
+    conditional writes makes that the commit itself, the file store checks it under its lock.
+    """
+
+    # ---- reading (no lock) ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def head(self) -> tuple[int, str]:
+        """(revision, sha256) of the head: read on every classify batch, so it must be cheap."""
+
+    @abc.abstractmethod
+    def manifest(self) -> dict[str, Any]:
+        """The committed manifest (strict JSON): ``{"head": int, "revisions": [Revision fields], ...}``."""
+
+    @abc.abstractmethod
+    def load(self, revision: Revision) -> dict[str, torch.Tensor]:
+        """A revision's weights, checked against its sha256."""
+
+    def revisions(self) -> list[Revision]:
+        return [Revision(**entry) for entry in self.manifest()["revisions"]]
+
+    def get(self, revision: int) -> Revision:
+        """A kept revision; NOT_FOUND for one that never existed or was pruned."""
+        manifest = self.manifest()
+        for entry in manifest["revisions"]:
+            if entry["revision"] == revision:
+                found = Revision(**entry)
+                if found.pruned:
+                    kept = [r["revision"] for r in manifest["revisions"] if not r["pruned"]]
+                    raise NotFoundError(f"revision {revision} was pruned (kept: {_ranges(kept)})")
+                return found
+        raise NotFoundError(f"revision {revision} does not exist (head is {manifest['head']})")
+
+    # ---- writing (under the lock) ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def locked(self) -> AbstractContextManager[None]:
+        """The writer's critical section: one writer at a time, across processes and replicas."""
+
+    def find_request(self, request_id: str) -> Revision | None:
+        """The revision a request id already produced (call under the lock)."""
+        for entry in self.manifest()["revisions"]:
+            if entry.get("request_id") == request_id:
+                return Revision(**entry)
+        return None
+
+    @abc.abstractmethod
+    def append(
+        self,
+        kind: str,
+        parent: int,
+        step: int,
+        weights: dict[str, torch.Tensor] | None = None,
+        same_as: Revision | None = None,
+        momentum: dict[str, torch.Tensor] | None = None,
+        request_id: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Revision:
+        """Commit a revision on top of ``parent``, the head, and make it the head (call under the lock).
+
+        Either ``weights`` (stored as a new immutable object) or ``same_as`` (reuse that revision's weights)
+        is given. ``momentum`` are the SGD buffers to continue from at the new revision; without them the next
+        step starts with none (rollback and reset). ``ConflictError`` when ``parent`` is not the head.
+        """
+
+    @abc.abstractmethod
+    def save_momentum(self, revision: int, buffers: dict[str, torch.Tensor]) -> None:
+        """Momentum buffers for ``revision`` (the head); the next step continues from them."""
+
+    @abc.abstractmethod
+    def load_momentum(self, revision: int) -> dict[str, torch.Tensor]:
+        """Buffers saved for ``revision``; none when they belong to another revision (after a rollback)."""
+
+
+class FileRevisionStore(AbstractRevisionStore):
+    """The store in a directory (the layout above): a local disk, or a POSIX volume the replicas share.
+
+    Safe to use from many processes at once (and from replicas on a volume with working flock, atomic rename
+    and close-to-open consistency: docs/finetune.md).
+    """
 
     def __init__(
         self,
@@ -122,21 +221,6 @@ class RevisionStore:
         """The manifest, with any non-finite number an older cnnserve wrote (``NaN``) read as ``None``."""
         return finite_json(json.loads((self.directory / MANIFEST).read_text()))  # type: ignore[no-any-return]
 
-    def revisions(self) -> list[Revision]:
-        return [Revision(**entry) for entry in self.manifest()["revisions"]]
-
-    def get(self, revision: int) -> Revision:
-        """A kept revision; NOT_FOUND for one that never existed or was pruned."""
-        manifest = self.manifest()
-        for entry in manifest["revisions"]:
-            if entry["revision"] == revision:
-                found = Revision(**entry)
-                if found.pruned:
-                    kept = [r["revision"] for r in manifest["revisions"] if not r["pruned"]]
-                    raise NotFoundError(f"revision {revision} was pruned (kept: {_ranges(kept)})")
-                return found
-        raise NotFoundError(f"revision {revision} does not exist (head is {manifest['head']})")
-
     def load(self, revision: Revision) -> dict[str, torch.Tensor]:
         """A revision's weights, checked against its sha256."""
         path = self.base_weights if revision.file is None else self.directory / revision.file
@@ -154,13 +238,6 @@ class RevisionStore:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-    def find_request(self, request_id: str) -> Revision | None:
-        """The revision a request id already produced (call under the lock)."""
-        for entry in self.manifest()["revisions"]:
-            if entry.get("request_id") == request_id:
-                return Revision(**entry)
-        return None
-
     def append(
         self,
         kind: str,
@@ -172,13 +249,19 @@ class RevisionStore:
         request_id: str | None = None,
         result: dict[str, Any] | None = None,
     ) -> Revision:
-        """Add a revision and make it the head (call under the lock).
+        """Add a revision on top of ``parent`` and make it the head (call under the lock).
 
         Either ``weights`` (written to a new file) or ``same_as`` (reuse that revision's file) is given.
         ``momentum`` are the SGD buffers to continue from at the new revision; without them the next step
         starts with none (rollback and reset).
         """
         manifest = self.manifest()
+        if parent != manifest["head"]:
+            # Under a working lock the caller read the head it passes; this catches a writer that did not
+            # take the lock, or a volume whose locks do not reach the other replicas (docs/finetune.md).
+            raise ConflictError(
+                f"revision store {self.directory}: the head is {manifest['head']}, not the parent {parent}"
+            )
         number = max(entry["revision"] for entry in manifest["revisions"]) + 1
         _refuse_non_finite(weights, "weights")
         _refuse_non_finite(momentum, "momentum buffer")
@@ -266,7 +349,13 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in groups)
 
 
-def require_store(store: RevisionStore | None) -> RevisionStore:
+RevisionStore = FileRevisionStore
+"""The store that ships, under the name callers have always constructed."""
+
+_Store = TypeVar("_Store", bound=AbstractRevisionStore)
+
+
+def require_store(store: _Store | None) -> _Store:
     if store is None:
         raise FailedPreconditionError(
             "fine-tuning is disabled: no revision store is configured "
