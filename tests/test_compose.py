@@ -113,7 +113,8 @@ def test_published_ports_are_on_loopback_and_never_management(path: Path) -> Non
 
 def test_only_the_gateway_and_torchserve_inference_are_published() -> None:
     ports = {name: {c for _, _, c in published(s)} for name, s in services(BASE).items()}
-    assert ports == {"builder": set(), "torchserve": {8080}, "gateway": {50051, 9464}}
+    # the gateway: gRPC (cnnserve.v1 and OIP), OIP REST, metrics
+    assert ports == {"builder": set(), "torchserve": {8080}, "gateway": {50051, 8000, 9464}}
 
 
 def test_long_running_services_have_healthcheck_restart_and_grace() -> None:

@@ -5,6 +5,10 @@ returns a :class:`RunningGateway`; :func:`serve` runs one until SIGTERM/SIGINT w
 health turns NOT_SERVING first, new calls are refused, calls in flight get ``grace_period`` seconds.
 :class:`GatewayThread` runs one on an event loop thread of its own, beside blocking code (tests, benchmarks).
 
+Beside ``cnnserve.v1.Classifier`` the same server serves ``inference.GRPCInferenceService`` (the Open
+Inference Protocol, :mod:`cnnserve.gateway.oip`), and, unless ``http_listen`` is "off", the OIP REST API runs
+as an aiohttp app on the same event loop; both go through the same core, interceptors, limit and metrics.
+
 Health is re-checked every ``health_interval`` seconds, and at once when the connection to TorchServe drops
 or a call cannot reach it (``Gateway.request_refresh``). A request body that is not a valid protobuf message
 is INVALID_ARGUMENT for every method (:class:`DecodeErrorInterceptor`), not grpc's default UNKNOWN.
@@ -34,6 +38,11 @@ from cnnserve.gateway.backend import Backend, ConnectionWatcher, TorchServeBacke
 from cnnserve.gateway.core import CoreSettings, Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics
+from cnnserve.gateway.oip.messages import POOL as OIP_POOL
+from cnnserve.gateway.oip.messages import SERVICE_NAME as OIP_SERVICE_NAME
+from cnnserve.gateway.oip.messages import reflection_pool
+from cnnserve.gateway.oip.plane import OipPlane
+from cnnserve.gateway.oip.servicer import OipServicer
 from cnnserve.gateway.servicer import ClassifierServicer
 from cnnserve.gateway.settings import GatewaySettings, parse_address
 from cnnserve.v1 import classifier_pb2, classifier_pb2_grpc
@@ -130,11 +139,13 @@ _UNDECODABLE = _Undecodable()
 def _request_type(method: str) -> str:
     """``/cnnserve.v1.Classifier/Classify`` -> ``cnnserve.v1.ClassifyRequest`` (unknown: ``method``)."""
     service, _, name = method.strip("/").rpartition("/")
-    try:
-        found = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
-    except KeyError:
-        return method
-    return str(found.input_type.full_name)
+    for pool in (descriptor_pool.Default(), OIP_POOL):  # the OIP's messages have a pool of their own
+        try:
+            found = pool.FindServiceByName(service).methods_by_name[name]
+        except KeyError:
+            continue
+        return str(found.input_type.full_name)
+    return method
 
 
 def _guard_decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -242,8 +253,10 @@ class RunningGateway:
     metrics: GatewayMetrics
     settings: GatewaySettings
     metrics_port: int | None = None
+    http_port: int | None = None  # the OIP REST API's; None: off
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
+    _http_runner: Any = None  # aiohttp.web.AppRunner
 
     async def update_health(self) -> None:
         states = await self.gateway.refresh_models()
@@ -262,6 +275,7 @@ class RunningGateway:
         )
         await self.health.set("", overall)
         await self.health.set(SERVICE_NAME, overall)
+        await self.health.set(OIP_SERVICE_NAME, overall)
 
     async def _watch_health(self) -> None:
         while True:
@@ -276,7 +290,11 @@ class RunningGateway:
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        grace = self.settings.grace_period if grace is None else grace
+        stopping = [self.server.stop(grace)]
+        if self._http_runner is not None:  # stops listening; requests in flight get up to --grace-period
+            stopping.append(self._http_runner.cleanup())
+        await asyncio.gather(*stopping)
         await self.gateway.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -332,12 +350,18 @@ async def create_server(
     # handler object on every call, on the gateway's hottest path.
     limit = ConcurrencyLimit(settings.max_concurrent_rpcs, metrics.in_flight.set)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics, limit), server)
+    oip_plane = OipPlane(core, metrics, limit)
+    server.add_generic_rpc_handlers((OipServicer(oip_plane).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    services = (
+        SERVICE_NAME,
+        OIP_SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
     )
+    # The OIP's messages live in a pool of their own (oip/messages.py): reflection reads one with all four.
+    reflection.enable_server_reflection(services, server, pool=reflection_pool(services))
     host, port = parse_address(settings.listen)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     credentials = _server_credentials(settings)
@@ -351,13 +375,51 @@ async def create_server(
         metrics_host, metrics_port = parse_address(settings.metrics_listen)
         running._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
         running.metrics_port = running._metrics_server.server_port
+    if settings.http_listen != "off":
+        try:
+            running._http_runner, running.http_port = await _start_http(settings, oip_plane, max_bytes)
+        except BaseException:  # its address taken, say: leave nothing running behind the error
+            if running._metrics_server is not None:
+                running._metrics_server.shutdown()
+            await core.close()
+            raise
     await server.start()
     loop = asyncio.get_running_loop()
     running._tasks.append(loop.create_task(running._watch_health()))
     if isinstance(backend, ConnectionWatcher):
         running._tasks.append(loop.create_task(backend.watch_connection(core.request_refresh)))
-    log.info("gateway listening on %s:%d (TorchServe %s)", host, bound, settings.torchserve)
+    log.info(
+        "gateway listening on %s:%d, OIP REST on %s (TorchServe %s)",
+        host,
+        bound,
+        "off"
+        if running.http_port is None
+        else f"{settings.http_listen.rpartition(':')[0]}:{running.http_port}",
+        settings.torchserve,
+    )
     return running
+
+
+async def _start_http(settings: GatewaySettings, plane: OipPlane, max_bytes: int) -> tuple[Any, int]:
+    """The OIP REST app on ``settings.http_listen``, with the gRPC side's token and TLS; (runner, port)."""
+    import ssl
+
+    from aiohttp import web
+
+    from cnnserve.gateway.oip.rest import create_app
+
+    ssl_context = None
+    if settings.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    runner = web.AppRunner(
+        create_app(plane, settings.token, max_bytes), access_log=None, shutdown_timeout=settings.grace_period
+    )
+    await runner.setup()
+    host, port = parse_address(settings.http_listen)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=settings.grace_period)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
 
 
 async def serve(settings: GatewaySettings, ready: Callable[[RunningGateway], None] | None = None) -> None:
@@ -391,6 +453,15 @@ class GatewayThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The OIP REST API's base URL (``http://127.0.0.1:PORT``); None when it is off."""
+        port = self.running.http_port
+        if port is None:
+            return None
+        scheme = "https" if self.running.settings.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{port}"
 
     @property
     def metrics_url(self) -> str | None:

@@ -22,6 +22,7 @@ __all__ = ["GatewaySettings", "OPTIONS", "add_arguments", "settings_from_args", 
 class GatewaySettings:
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"  # "off" disables the Prometheus endpoint
+    http_listen: str = "127.0.0.1:8000"  # the OIP (KServe v2) REST API; "off" disables it
     torchserve: str = "127.0.0.1:7070"
     torchserve_management: str = "127.0.0.1:7071"
     torchserve_key_file: str = "var/torchserve/key_file.json"
@@ -44,6 +45,10 @@ class GatewaySettings:
 OPTIONS: dict[str, tuple[str, str]] = {
     "listen": ("CNNSERVE_GATEWAY_LISTEN", "gRPC address to listen on (port 0: any free port)"),
     "metrics_listen": ("CNNSERVE_GATEWAY_METRICS_LISTEN", "Prometheus /metrics address, or 'off'"),
+    "http_listen": (
+        "CNNSERVE_GATEWAY_HTTP_LISTEN",
+        "Open Inference Protocol (KServe v2) REST address (port 0: any free port), or 'off'",
+    ),
     "torchserve": ("CNNSERVE_TORCHSERVE_GRPC", "TorchServe's gRPC inference API"),
     "torchserve_management": (
         "CNNSERVE_TORCHSERVE_MANAGEMENT_GRPC",
@@ -108,8 +113,9 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     values: dict[str, Any] = {f.name: getattr(args, f"gateway_{f.name}") for f in fields(GatewaySettings)}
     settings = GatewaySettings(**values)
     parse_address(settings.listen)
-    if settings.metrics_listen != "off":
-        parse_address(settings.metrics_listen)
+    for listen in (settings.metrics_listen, settings.http_listen):
+        if listen != "off":
+            parse_address(listen)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise InvalidInputError.for_field("tls", "give both --tls-cert and --tls-key, or neither")
     for name in ("max_message_mb", "max_concurrent_rpcs", "max_inputs", "max_batch", "max_in_flight"):

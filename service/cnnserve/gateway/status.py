@@ -1,8 +1,10 @@
-"""The one mapping from cnnserve errors to gRPC status, with rich error details.
+"""The one mapping from cnnserve errors to what clients read: gRPC status (with rich error details) and
+HTTP status, both from the table in :mod:`cnnserve.errors` (each ``ErrorKind`` names its gRPC code and HTTP
+status).
 
 ``INVALID_ARGUMENT`` carries ``google.rpc.BadRequest`` field violations; anything that is not a
 :class:`~cnnserve.errors.CnnserveError` is a bug: its traceback goes to the log and the client reads only
-"internal error".
+"internal error" (gRPC INTERNAL, HTTP 500).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from grpc_status import rpc_status
 
 from cnnserve.errors import CnnserveError, ErrorKind
 
-__all__ = ["grpc_code", "to_status", "INTERNAL_MESSAGE"]
+__all__ = ["grpc_code", "code_name", "to_status", "to_http", "INTERNAL_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,28 @@ INTERNAL_MESSAGE = "internal error"
 def grpc_code(kind: ErrorKind) -> grpc.StatusCode:
     """ErrorKind values are the canonical code names, so the mapping is by name."""
     return grpc.StatusCode[kind.code_name]
+
+
+def code_name(error: BaseException) -> str:
+    """The canonical code name a call that failed with ``error`` is counted under (metrics); an HTTP
+    server's own refusal (aiohttp's 413 for a body over the limit, say) by the kind of its status."""
+    if isinstance(error, CnnserveError):
+        return error.kind.code_name
+    status = getattr(error, "status", None)
+    if isinstance(status, int) and 400 <= status < 500:
+        same = [kind for kind in ErrorKind if kind.http_status == status]
+        return (same[0] if same else ErrorKind.INVALID_ARGUMENT).code_name
+    return ErrorKind.INTERNAL.code_name
+
+
+def to_http(error: BaseException, method: str = "") -> tuple[int, str]:
+    """The HTTP status and the message a failed REST call answers with."""
+    if not isinstance(error, CnnserveError):
+        log.error("unexpected error in %s", method or "a request", exc_info=error)
+        return ErrorKind.INTERNAL.http_status, INTERNAL_MESSAGE
+    if error.kind is ErrorKind.INTERNAL:
+        log.error("internal error in %s: %s", method or "a request", error.message)
+    return error.kind.http_status, error.message
 
 
 def to_status(error: BaseException, method: str = "") -> grpc.Status:

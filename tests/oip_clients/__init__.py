@@ -1,0 +1,1 @@
+"""Clients nobody here wrote, run against the real stack: tritonclient, in .venv-tritonclient (venv.py)."""
