@@ -116,7 +116,7 @@ def gateway(torchserve: TorchServe) -> Iterator[GatewayThread]:
     """A real gateway on a free port in front of the session's TorchServe."""
     from tests.gateway_helpers import GatewayThread, settings_for
 
-    running = GatewayThread(settings_for(torchserve))
+    running = GatewayThread(settings_for(torchserve, http_listen="127.0.0.1:0"))
     try:
         yield running
     finally:
@@ -129,3 +129,19 @@ def client(gateway: GatewayThread) -> Iterator[ClassifierClient]:
 
     with ClassifierClient(gateway.target, timeout=60) as connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def lenet_int8_export(
+    tmp_path_factory: pytest.TempPathFactory, lenet_export: ExportResult, digits: ImageData
+) -> Path:
+    """A copy of the session's LeNet export with its int8 graph (``--precision fp32,int8``, calibrated on 128
+    training digits) and the precision report: nothing trained, a second or two of quantizing."""
+    import shutil
+
+    from cnnserve_export.quantize import add_precisions
+
+    out = tmp_path_factory.mktemp("lenet-int8") / "export"
+    shutil.copytree(lenet_export.out, out)
+    add_precisions(out, ("fp32", "int8"), digits, calibration_size=128)
+    return out

@@ -41,7 +41,7 @@ def test_export_parity(name: str, request: pytest.FixtureRequest) -> None:
 
 
 def test_exports_load_with_any_batch_size(lenet_export: ExportResult) -> None:
-    model = torch.jit.load(str(lenet_export.out / "model.pt"))
+    model = torch.jit.load(str(lenet_export.out / "model.pt"))  # type: ignore[no-untyped-call]
     onnx_runtime = load_runtime(lenet_export.out, "onnx")
     for batch in (1, 5, 64):
         x = torch.randn(batch, 1, 32, 32)
@@ -191,3 +191,24 @@ def test_cuda_parity_lists_runtimes_that_cannot_run_on_cuda(
     assert reason is None and report is not None
     assert report["not_on_cuda"] == ["onnx", "torchscript"] and report["formats"] == {}
     assert report["tf32"] is False and report["max_abs_diff_limit"] == export.CUDA_MAX_ABS_DIFF == 1e-4
+
+
+def test_precisions_need_the_onnx_export(tmp_path: Path, lenet_checkpoint: TrainResult) -> None:
+    """int8 (and the precision report) is built from and measured on the ONNX graph: refused up front."""
+    from cnnserve.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="add onnx"):
+        export_checkpoint(
+            lenet_checkpoint.out, tmp_path / "out", formats=("torchscript",), precisions=("int8",)
+        )
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_a_plain_export_has_no_precision_report(lenet_export: ExportResult) -> None:
+    """Without ``precisions`` an export is what it was: fp32 graphs, no int8 files, fp32 served."""
+    from cnnserve.runtime import INT8_ONNX_FILE, precision_info
+
+    assert "precisions" not in lenet_export.parity and load_card(lenet_export.out).precisions == {}
+    assert not (lenet_export.out / INT8_ONNX_FILE).exists()
+    info = precision_info(lenet_export.out)
+    assert info["precision"] == "fp32" and info["calibration"] is None

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 __all__ = ["TrainConfig", "ArchiveSettings", "default_settings", "small_config"]
 
 
+# The int8 export's calibration and accuracy gate (cnnserve export --precision int8; docs/precision.md).
+DEFAULT_CALIBRATION_SIZE = 256  # training images; "a few hundred" (digits has 1347)
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # points of test accuracy below eager fp32
+DEFAULT_MIN_AGREEMENT = 0.99  # top-1 agreement with eager fp32 on the clear held-out samples
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "lenet"
@@ -70,7 +76,11 @@ class ArchiveSettings:
     max_workers: int = 2
     response_timeout_s: int = 120
     device: str = "cpu"  # cpu | gpu (TorchServe assigns cuda:<id> to each worker)
-    threads: int = 1  # intra-op threads per worker
+    precision: str = "fp32"  # fp32 | int8 (the export's int8 graph, ONNX only: docs/precision.md)
+    # Intra-op threads per worker; None: the worker's rule (serving/threads.py: the CPU quota's cores over the
+    # workers, at most max_threads). LeNet is overhead-bound: 1 thread a worker (default_settings).
+    threads: int | None = None
+    max_threads: int | None = None
     max_inputs: int = 64
     max_finetune_batch: int = 256
     retention: int = 10
@@ -78,7 +88,8 @@ class ArchiveSettings:
 
 
 def default_settings(architecture: str) -> ArchiveSettings:
-    """Per-architecture defaults for a 2-core machine: AlexNet is heavy, so one worker and fewer revisions."""
+    """Per-architecture defaults for a 2-core machine: AlexNet is heavy, so one worker (which takes the cores:
+    no thread cap) and fewer revisions; LeNet two workers of one thread each."""
     if architecture == "alexnet":
         return ArchiveSettings(min_workers=1, max_workers=1, runtime_cache=2, max_finetune_batch=64)
-    return ArchiveSettings()
+    return ArchiveSettings(max_threads=1)

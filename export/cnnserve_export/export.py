@@ -17,7 +17,10 @@ applies; a CUDA format beyond it fails the export like a CPU one. A format whose
 says why.
 
 An export directory holds ``model.pt``, ``model.onnx``, ``weights.safetensors`` (the trained weights, which
-the fine-tune endpoint starts from), ``parity.json`` and the model card updated with both.
+the fine-tune endpoint starts from), ``parity.json`` and the model card updated with both. With
+``precisions`` (``cnnserve export --precision fp32,int8``) it also holds the int8 graph, its
+``quantization.json`` and calibration indices, and the precision report (``parity.json`` ``precisions``):
+see :mod:`cnnserve_export.quantize`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +45,9 @@ from cnnserve.preprocess import Preprocessing, prepare_images
 from cnnserve.runtime import EXPORT_FILES, FORMATS, EagerRuntime, Runtime, load_runtime
 from cnnserve.weights import load_into, load_weights
 from cnnserve_export.data import ImageData, load_dataset
+
+if TYPE_CHECKING:
+    from cnnserve_export.quantize import PrecisionGate
 
 __all__ = [
     "ExportResult",
@@ -240,11 +246,23 @@ def export_checkpoint(
     parity_samples: int = 64,
     max_abs_diff: float = MAX_ABS_DIFF,
     data: ImageData | None = None,
+    precisions: Sequence[str] = (),
+    calibration_size: int | None = None,
+    per_channel: bool = True,
+    gate: PrecisionGate | None = None,
 ) -> ExportResult:
-    """Export ``checkpoint_dir`` to ``out`` in ``formats`` and check parity (raises :class:`ParityError`)."""
+    """Export ``checkpoint_dir`` to ``out`` in ``formats`` and check parity (raises :class:`ParityError`).
+
+    ``precisions`` (fp32, int8; ONNX only): measure each on the held-out split and refuse one the ``gate``
+    rejects (:func:`cnnserve_export.quantize.add_precisions`); empty: no precision report.
+    """
+    from cnnserve_export.quantize import DEFAULT_CALIBRATION_SIZE, add_precisions
+
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise InvalidInputError.for_field("formats", f"{unknown or 'none'}: choose from {', '.join(FORMATS)}")
+    if precisions and "onnx" not in formats:
+        raise InvalidInputError.for_field("precision", "precisions are measured on the ONNX export: add onnx")
     if parity_samples < 64:
         raise InvalidInputError.for_field("parity_samples", "at least 64 images are compared")
     card, model = load_trained_model(checkpoint_dir)
@@ -276,4 +294,15 @@ def export_checkpoint(
     save_card(card, out)
     if failures:
         raise ParityError(f"export parity failed ({'; '.join(failures)}); report in {out / PARITY_FILE}")
+    if precisions:
+        report["precisions"] = add_precisions(
+            out,
+            precisions,
+            data,
+            model=model,
+            calibration_size=calibration_size or DEFAULT_CALIBRATION_SIZE,
+            per_channel=per_channel,
+            gate=gate,
+        )
+        card = load_card(out)
     return ExportResult(out=out, card=card, parity=report)

@@ -49,6 +49,11 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)  # recipe and results (test_accuracy, ...)
     exports: dict[str, str] = field(default_factory=dict)  # format -> file name
     parity: dict[str, Any] = field(default_factory=dict)  # the export parity report
+    # What this directory serves: "fp32", or "int8" (an archive built with ``--precision int8``).
+    precision: str = "fp32"
+    # The precision report (``cnnserve export --precision``): per precision, accuracy on the held-out split,
+    # top-1 agreement with eager fp32, the gate's verdict; the calibration set of int8.
+    precisions: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
 
     @property

@@ -12,16 +12,24 @@ Both take a float32 ``(N, C, H, W)`` batch and return float32 logits ``(N, num_c
 Every runtime says where it really runs: ``device`` (``"cuda:0"``, ``"cpu"``) and ``provider``
 (``"CUDAExecutionProvider"``, ``"CPUExecutionProvider"``, ``"torch"``). A CUDA device that cannot be used is a
 logged WARNING and a CPU runtime, or :class:`FailedPreconditionError` with ``require_device=True``.
+
+Precision (``docs/precision.md``): an export or archive may also hold an int8 graph (``model.int8.onnx``,
+static QDQ quantization by ``cnnserve export --precision int8``) and its ``quantization.json``, which says
+where each ``state_dict`` tensor lives in that graph. ONNX Runtime serves it with any fp32 weights: a
+revision's weights are re-quantized here (:func:`requantize_int8`: weight scales recomputed from the new
+weights, activation scales kept from calibration, bias scales following both) and passed as initializer
+overrides, exactly as fp32 revisions are. :func:`precision_info` is what a worker reports about it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
@@ -40,6 +48,13 @@ __all__ = [
     "onnx_cuda_options",
     "warm_up_runtime",
     "load_runtime",
+    "PRECISIONS",
+    "INT8_ONNX_FILE",
+    "QUANTIZATION_FILE",
+    "requantize_int8",
+    "load_quantization_map",
+    "served_precision",
+    "precision_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +66,15 @@ EXPORT_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 NO_CUDA_PROVIDER = f"onnxruntime has no {CUDA_PROVIDER}: install onnxruntime-gpu"
+PRECISIONS = ("fp32", "int8")
+INT8_ONNX_FILE = "model.int8.onnx"
+QUANTIZATION_FILE = "quantization.json"  # state_dict key -> its initializers in the int8 graph
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+# An initializer override: a torch tensor (fp32 weights) or a numpy array of its own dtype (int8 weights,
+# int32 biases, float32 scales). ``Union``: this module runs in Python 3.9 workers, where ``|`` in an alias
+# is evaluated.
+Override = Union[torch.Tensor, np.ndarray]
 
 
 class Runtime(Protocol):
@@ -135,19 +159,24 @@ def onnx_cuda_options(device_id: int, gpu_mem_limit_bytes: int | None = None) ->
 
 
 class OnnxRuntime:
+    """One ONNX Runtime session; ``weights`` override initializers by name (see :data:`Override`)."""
+
     format = "onnx"
 
     def __init__(
         self,
         path: str | Path,
-        weights: Mapping[str, torch.Tensor] | None = None,
+        weights: Mapping[str, Override] | None = None,
         device: str = "cpu",
         threads: int = 1,
         *,
         require_device: bool = False,
         gpu_mem_limit_bytes: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         import onnxruntime as ort
+
+        self.precision = precision
 
         providers = onnx_providers(device)
         cuda = providers[0] == CUDA_PROVIDER
@@ -176,7 +205,11 @@ class OnnxRuntime:
             for name, tensor in weights.items():
                 # A private copy: ONNX Runtime reads this memory for the session's whole life, and the
                 # caller's tensors may be live parameters that the next fine-tune step changes in place.
-                array = np.array(tensor.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
+                # numpy arrays keep their dtype (re-quantized int8/int32 initializers), tensors are fp32.
+                if isinstance(tensor, np.ndarray):
+                    array = np.array(tensor, order="C", copy=True)
+                else:
+                    array = np.array(tensor.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
                 if cuda:
                     # On the GPU, where the CUDA provider plans conv/gemm weights (a copy ORT owns).
                     value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", index)
@@ -215,7 +248,8 @@ class OnnxRuntime:
 
 
 class TorchScriptRuntime:
-    """TorchScript on ``device``; torch's intra-op thread count is process-wide: the caller sets it once.
+    """TorchScript on ``device`` (fp32 only); torch's intra-op thread count is process-wide: the caller
+    sets it once.
 
     ``threads`` is accepted for a signature like :class:`OnnxRuntime`'s and not applied here (the worker's
     ``initialize`` calls ``torch.set_num_threads``). CUDA numerics: :func:`configure_cuda_numerics`.
@@ -223,6 +257,7 @@ class TorchScriptRuntime:
 
     format = "torchscript"
     provider = "torch"
+    precision = "fp32"
 
     def __init__(
         self,
@@ -262,6 +297,7 @@ class EagerRuntime:
 
     format = "eager"
     provider = "torch"
+    precision = "fp32"
 
     def __init__(self, model: nn.Module, device: str = "cpu") -> None:
         self._device = torch.device(device)
@@ -286,6 +322,118 @@ def warm_up_runtime(runtime: Runtime, batch_sizes: Sequence[int], input_shape: S
     return time.perf_counter() - start
 
 
+def _quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of one weight, as ``onnxruntime.quantization`` does it (bit for bit).
+
+    Per channel along ``axis`` (``None``: one scale for the tensor): the range is widened to hold 0, made
+    symmetric (``absmax``), and mapped onto [-127, 127]: ``scale = 2 * absmax / 254``, computed in float64 and
+    stored as float32; an all-zero channel gets scale 1. Values are ``round(w / scale)`` (half to even) in
+    float32, clipped to int8. Returns ``(int8 weights, float32 scales)``: scales ``(channels,)`` or ``()``.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    if axis is None:
+        flat = weight.reshape(1, -1)
+    else:
+        flat = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)  # (channels, rest)
+    rmin = np.minimum(flat.min(axis=1), np.float32(0))
+    rmax = np.maximum(flat.max(axis=1), np.float32(0))
+    absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+    scale64 = (absmax.astype(np.float64) * 2.0) / 254.0
+    scale = np.where(scale64 < np.finfo(np.float32).tiny, 1.0, scale64).astype(np.float32)
+    if axis is None:
+        divisor: np.ndarray = scale.reshape(())
+        scale_out = scale.reshape(())
+    else:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        divisor = scale.reshape(shape)
+        scale_out = scale
+    quantized = np.clip(np.round(weight / divisor), -128, 127).astype(np.int8)
+    return quantized, scale_out
+
+
+def requantize_int8(
+    weights: Mapping[str, torch.Tensor], quantization: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The int8 graph's initializer overrides for fp32 ``weights`` (a ``state_dict``), by initializer name.
+
+    ``quantization`` is the export's ``quantization.json``: for each quantized weight its int8 and scale
+    initializers and channel axis; for each bias its int32 and scale initializers, its layer's weight and that
+    layer's input activation scale (fixed at calibration: activations keep their calibrated ranges); the
+    tensors left in float32 (the logits layer) by their own names. Bias scale = input scale x weight scale,
+    the bias ``round(b / scale)`` in int32, as ``onnxruntime.quantization`` computes them. Every key of
+    ``weights`` must be covered: a revision is never served partly with the base's quantized weights.
+    """
+    arrays = {name: tensor.detach().cpu().numpy().astype(np.float32) for name, tensor in weights.items()}
+    out: dict[str, np.ndarray] = {}
+    weight_scales: dict[str, np.ndarray] = {}
+    covered: set[str] = set()
+    for name, entry in quantization["weights"].items():
+        quantized, scale = _quantize_weight(arrays[name], entry["axis"])
+        out[entry["quantized"]], out[entry["scale"]] = quantized, scale
+        weight_scales[name] = scale
+        covered.add(name)
+    for name, entry in quantization["biases"].items():
+        bias_scale = (np.float32(entry["input_scale"]) * weight_scales[entry["weight"]]).astype(np.float32)
+        values = np.round(arrays[name].astype(np.float64) / bias_scale.astype(np.float64))
+        out[entry["quantized"]] = np.clip(values, INT32_MIN, INT32_MAX).astype(np.int32)
+        out[entry["scale"]] = bias_scale.reshape(-1)
+        covered.add(name)
+    for name in quantization["float"]:
+        out[name] = arrays[name]
+        covered.add(name)
+    missing = sorted(set(arrays) - covered)
+    if missing:
+        raise FailedPreconditionError(
+            f"the int8 graph's quantization.json does not cover {', '.join(missing)}: re-export the model"
+        )
+    return out
+
+
+def load_quantization_map(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / QUANTIZATION_FILE
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise FailedPreconditionError(
+            f"{path} not found: export the model with --precision int8 (and archive with --precision int8)"
+        ) from None
+
+
+def served_precision(export_dir: str | Path) -> str:
+    """The precision a directory serves by default: its model card's ``precision`` (fp32 without a card)."""
+    from cnnserve.card import CARD_FILE, load_card
+
+    if not (Path(export_dir) / CARD_FILE).exists():
+        return "fp32"
+    return load_card(export_dir).precision
+
+
+def precision_info(directory: str | Path) -> dict[str, Any]:
+    """What a worker serving ``directory`` (an archive or an export) says about its precision.
+
+    ``precision``: fp32 | int8; ``calibration``: the int8 calibration set (dataset, split, count, seed, the
+    file holding its indices) or None for fp32; ``fp32_accuracy`` and ``accuracy``: test accuracy on the
+    held-out split of eager fp32 and of the served precision; ``top1_agreement`` with eager fp32 on that
+    split's clear samples and ``near_ties``; ``held_out``: the split's dataset, name and size. The figures
+    are None for an export made without ``--precision``.
+    """
+    from cnnserve.card import load_card
+
+    card = load_card(directory)
+    report = card.precisions or {}
+    row = report.get("precisions", {}).get(card.precision, {})
+    return {
+        "precision": card.precision,
+        "calibration": row.get("calibration"),
+        "fp32_accuracy": report.get("eager_accuracy"),
+        "accuracy": row.get("accuracy"),
+        "top1_agreement": row.get("top1_agreement"),
+        "near_ties": row.get("near_ties"),
+        "held_out": report.get("held_out"),
+    }
+
+
 def load_runtime(
     export_dir: str | Path,
     fmt: str,
@@ -297,28 +445,42 @@ def load_runtime(
     gpu_mem_limit_bytes: int | None = None,
     warm_up: Sequence[int] = (),
     input_shape: Sequence[int] | None = None,
+    precision: str | None = None,
 ) -> Runtime:
     """The runtime for ``fmt`` from an export directory, optionally with other weights than the exported.
 
     ``require_device``: raise :class:`FailedPreconditionError` instead of falling back to the CPU.
     ``gpu_mem_limit_bytes``: ONNX Runtime's CUDA arena cap (TorchScript: unused). ``warm_up``: batch
     sizes to run once each right away, on zeros of ``input_shape`` ``(C, H, W)``; when not given, the ONNX
-    file's input, else the export's model card.
+    file's input, else the export's model card. ``precision``: fp32 | int8, default the directory's own
+    (:func:`served_precision`: an int8 archive serves int8); int8 is ONNX only, and fp32 ``weights`` are
+    re-quantized (:func:`requantize_int8`).
     """
     if fmt not in EXPORT_FILES:
         raise InvalidInputError.for_field("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    path = Path(export_dir) / EXPORT_FILES[fmt]
+    if precision is None:
+        precision = served_precision(export_dir)
+    if precision not in PRECISIONS:
+        raise InvalidInputError.for_field("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and fmt != "onnx":
+        raise FailedPreconditionError(f"int8 is served by ONNX Runtime only, not {fmt}: use --format onnx")
+    path = Path(export_dir) / (INT8_ONNX_FILE if precision == "int8" else EXPORT_FILES[fmt])
     if not path.exists():
-        raise FailedPreconditionError(f"{path} not found: export the model with --formats {fmt}")
+        flag = "--precision int8" if precision == "int8" else f"--formats {fmt}"
+        raise FailedPreconditionError(f"{path} not found: export the model with {flag}")
     runtime: OnnxRuntime | TorchScriptRuntime
     if fmt == "onnx":
+        overrides: Mapping[str, Override] | None = weights
+        if precision == "int8" and weights is not None:
+            overrides = requantize_int8(weights, load_quantization_map(export_dir))
         runtime = OnnxRuntime(
             path,
-            weights,
+            overrides,
             device,
             threads,
             require_device=require_device,
             gpu_mem_limit_bytes=gpu_mem_limit_bytes,
+            precision=precision,
         )
     else:
         runtime = TorchScriptRuntime(path, weights, device, threads, require_device=require_device)
@@ -332,8 +494,9 @@ def load_runtime(
             shape = load_card(export_dir).input_shape
         seconds = warm_up_runtime(runtime, warm_up, shape)
         log.info(
-            "%s on %s (%s) warmed up at batch sizes %s in %.3f s",
+            "%s %s on %s (%s) warmed up at batch sizes %s in %.3f s",
             fmt,
+            precision,
             runtime.device,
             runtime.provider,
             list(warm_up),

@@ -7,7 +7,12 @@ model-config.yaml key      environment variable             meaning
 ========================== ================================ ===============================================
 ``format``                 ``CNNSERVE_FORMAT``              runtime for classify: the archive's format (onnx
                                                             or torchscript, ``cnnserve archive --format``)
-``threads``                ``CNNSERVE_WORKER_THREADS``      intra-op threads per worker (default 1)
+``threads``                ``CNNSERVE_WORKER_THREADS``      intra-op threads per worker (default: the CPU
+                                                            quota's cores // workers, see ``threads.py``)
+``max_threads``            (none)                           the default's cap for this model (archives:
+                                                            LeNet 1, AlexNet none)
+(none)                     ``CNNSERVE_WORKERS_ON_MACHINE``  workers sharing the machine's cores, for the
+                                                            default (unset: this model's ``maxWorkers``)
 ``max_inputs``             ``CNNSERVE_MAX_INPUTS``          inputs per classify request (default 64)
 ``max_finetune_batch``     ``CNNSERVE_MAX_FINETUNE_BATCH``  inputs per fine-tune step (default 256)
 ``retention``              ``CNNSERVE_REVISION_RETENTION``  revisions kept besides the base (default 10)
@@ -40,10 +45,10 @@ from typing import Any
 from cnnserve.errors import FailedPreconditionError
 from cnnserve.runtime import FORMATS
 from cnnserve.serving.service import ServiceConfig
+from cnnserve.serving.threads import available_cores, default_threads
 
-__all__ = ["service_config", "pick_device", "DeviceChoice", "ENV_PREFIX"]
+__all__ = ["service_config", "worker_threads", "pick_device", "DeviceChoice"]
 
-ENV_PREFIX = "CNNSERVE_"
 _ENV_NAMES = {
     "format": "CNNSERVE_FORMAT",
     "threads": "CNNSERVE_WORKER_THREADS",
@@ -105,13 +110,55 @@ def pick_device(
     return DeviceChoice(requested, requested)
 
 
+def _count(
+    handler_yaml: Mapping[str, Any] | None, key: str, environ: Mapping[str, str], env: str
+) -> int | None:
+    """An integer >= 1 from ``environ[env]``, else ``handler_yaml[key]`` (None when neither is set)."""
+    raw: Any = environ.get(env) if env else None
+    source = env
+    if raw is None and handler_yaml is not None and key in handler_yaml:
+        raw, source = handler_yaml[key], f"model-config.yaml handler.{key}"
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise FailedPreconditionError(f"{source}={raw!r} is not an integer") from None
+    if value < 1:
+        raise FailedPreconditionError(f"{source}={raw!r} must be at least 1")
+    return value
+
+
+def worker_threads(
+    handler_yaml: Mapping[str, Any] | None,
+    environ: Mapping[str, str],
+    workers: int | None,
+    cores: int | None = None,
+) -> int:
+    """The default intra-op threads (``threads.py``'s rule) when neither the env nor the yaml sets them.
+
+    ``workers``: this model's ``maxWorkers`` (``CNNSERVE_WORKERS_ON_MACHINE`` replaces it); ``cores``: the
+    CPU quota's cores (None: read from this process's cgroups and affinity).
+    """
+    machine = _count(None, "", environ, "CNNSERVE_WORKERS_ON_MACHINE")
+    cap = _count(handler_yaml, "max_threads", {}, "")
+    count = machine or (int(workers) if workers else 1)
+    return default_threads(available_cores() if cores is None else cores, count, cap)
+
+
 def service_config(
     handler_yaml: Mapping[str, Any] | None,
     environ: Mapping[str, str],
     device: str,
     requested_device: str | None = None,
+    *,
+    workers: int | None = None,
+    cores: int | None = None,
 ) -> ServiceConfig:
-    """Build the worker's settings; raises :class:`FailedPreconditionError` naming a bad value."""
+    """Build the worker's settings; raises :class:`FailedPreconditionError` naming a bad value.
+
+    ``workers`` and ``cores`` feed the default thread count (:func:`worker_threads`).
+    """
     values: dict[str, Any] = {}
     types = {f.name: f.type for f in fields(ServiceConfig)}
     for name, env_name in _ENV_NAMES.items():
@@ -144,6 +191,8 @@ def service_config(
         else:
             value = str(raw)
         values[name] = value
+    if "threads" not in values:
+        values["threads"] = worker_threads(handler_yaml, environ, workers, cores)
     if values.get("format", "onnx") not in FORMATS:
         raise FailedPreconditionError(f"format {values['format']!r} is not one of {', '.join(FORMATS)}")
     return ServiceConfig(device=device, requested_device=requested_device or device, **values)
