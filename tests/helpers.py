@@ -143,3 +143,16 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def make_certificate(
+    directory: Path, names: str = "IP:127.0.0.1,DNS:localhost", stem: str = "gateway"
+) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (PEM) for ``names``, a subjectAltName value."""
+    cert, key = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cnnserve",
+         "-addext", f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

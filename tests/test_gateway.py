@@ -45,6 +45,7 @@ from tests.helpers import (
     assert_top_k,
     by_class,
     cnnserve,
+    make_certificate,
     png_bytes,
     wait_until,
 )
@@ -435,12 +436,7 @@ def test_bearer_token(torchserve: TorchServe, digits: ImageData) -> None:
 
 
 def test_tls(torchserve: TorchServe, tmp_path: Path, digits: ImageData) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = make_certificate(tmp_path)
     secure = GatewayThread(
         settings_for(torchserve, tls_cert=str(cert), tls_key=str(key), metrics_listen="off")
     )

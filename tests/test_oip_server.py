@@ -32,7 +32,7 @@ from cnnserve.torchserve import TorchServe
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
 from tests.gateway_helpers import GatewayThread, settings_for
-from tests.helpers import PROBABILITY_ATOL, assert_probabilities_close, by_class, png_bytes
+from tests.helpers import PROBABILITY_ATOL, assert_probabilities_close, by_class, make_certificate, png_bytes
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow]
 
@@ -798,12 +798,7 @@ def test_token_guards_both_transports_but_not_health(torchserve: TorchServe, bat
 def test_rest_serves_tls_with_the_grpc_sides_pair(torchserve: TorchServe, tmp_path: Any) -> None:
     import ssl
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = make_certificate(tmp_path)
     secure = GatewayThread(
         settings_for(
             torchserve, tls_cert=str(cert), tls_key=str(key), metrics_listen="off", http_listen="127.0.0.1:0"

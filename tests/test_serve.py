@@ -43,18 +43,7 @@ from cnnserve.processes import alive, describe_exit, free_ports, read_pid, tail
 from cnnserve.torchserve import TorchServeSettings
 from cnnserve_export.data import ImageData
 from cnnserve_export.export import ExportResult
-from tests.helpers import cnnserve, png_bytes
-
-
-def make_certificate(directory: Path, names: str, stem: str = "gateway") -> tuple[Path, Path]:
-    """A self-signed certificate and key for ``names``, a subjectAltName ("IP:127.0.0.1,DNS:localhost")."""
-    cert, key = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cnnserve",
-         "-addext", f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+from tests.helpers import cnnserve, make_certificate, png_bytes
 
 
 def digit_png(digits: ImageData, index: int = 0) -> bytes:

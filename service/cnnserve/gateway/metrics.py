@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["GatewayMetrics"]
+from cnnserve.errors import OverloadedError
+from cnnserve.gateway.limits import ConcurrencyLimit
+from cnnserve.gateway.status import code_name
+
+__all__ = ["GatewayMetrics", "observed"]
+
+T = TypeVar("T")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -51,3 +62,38 @@ class GatewayMetrics:
             ["model", "requested_device", "device", "provider"],
             registry=self.registry,
         )
+
+
+async def observed(
+    metrics: GatewayMetrics,
+    limit: ConcurrencyLimit,
+    method: str,
+    work: Callable[[], Awaitable[T]],
+    shed: bool = True,
+) -> T:
+    """Run one call of any transport under the gateway's one concurrency limit, and count it:
+    ``cnnserve_gateway_rpcs{method, code}``, its latency, and ``shed`` when the limit refused it. ``method``
+    names the transport's call (``Classify``, ``oip.grpc/ModelInfer``, ``oip.http/ModelInfer``). Errors
+    propagate for the transport to map. Health checks pass ``shed=False``: a probe refused under load would
+    take a busy gateway out of its balancer."""
+    started = time.perf_counter()
+    code = "OK"
+    admitted = False
+    try:
+        if not shed:
+            admitted = True
+            return await work()
+        with limit.admit():
+            admitted = True
+            return await work()
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except BaseException as error:
+        if not admitted and isinstance(error, OverloadedError):  # shed here, not TorchServe's full queue
+            metrics.shed.labels(method).inc()
+        code = code_name(error)
+        raise
+    finally:
+        metrics.rpcs.labels(method, code).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - started)

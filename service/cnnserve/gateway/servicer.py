@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from cnnserve.errors import OverloadedError
 from cnnserve.gateway.converters import (
     ClassifyRequestConverter,
     ClassifyResponseConverter,
@@ -25,7 +23,7 @@ from cnnserve.gateway.converters import (
 )
 from cnnserve.gateway.core import Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
-from cnnserve.gateway.metrics import GatewayMetrics
+from cnnserve.gateway.metrics import GatewayMetrics, observed
 from cnnserve.gateway.status import to_status
 from cnnserve.v1 import classifier_pb2 as pb
 from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -50,26 +48,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         work: Callable[[float | None], Awaitable[Response]],
     ) -> Response:
-        started = time.perf_counter()
-        code = "OK"
-        admitted = False
         try:
-            with self.limit.admit():
-                admitted = True
-                return await work(context.time_remaining())
+            return await observed(self.metrics, self.limit, method, lambda: work(context.time_remaining()))
         except asyncio.CancelledError:
-            code = "CANCELLED"
             raise
         except Exception as error:  # every failure becomes a status, here and only here
-            if not admitted and isinstance(error, OverloadedError):  # shed here, not TorchServe's full queue
-                self.metrics.shed.labels(method).inc()
             status = to_status(error, method)
-            code = status.code.name
             await context.abort(status.code, status.details, status.trailing_metadata)
             raise AssertionError("unreachable: abort raises") from None
-        finally:
-            self.metrics.rpcs.labels(method, code).inc()
-            self.metrics.latency.labels(method).observe(time.perf_counter() - started)
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
         return await self._run("Classify", context, lambda timeout: self._classify_one(request, timeout))

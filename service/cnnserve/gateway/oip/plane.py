@@ -8,21 +8,18 @@ model's classes), so validation, limits, micro-batching, retries and revisions a
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from cnnserve import __version__
 from cnnserve.contract import MAX_TOP_K
-from cnnserve.errors import NotFoundError, OverloadedError, UnavailableError
+from cnnserve.errors import NotFoundError, UnavailableError
 from cnnserve.gateway.core import Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
-from cnnserve.gateway.metrics import GatewayMetrics
+from cnnserve.gateway.metrics import GatewayMetrics, observed
 from cnnserve.gateway.oip import tensors
 from cnnserve.gateway.oip.tensors import IMAGE, INPUT, PROBABILITIES, InferRequest, InferResponse
-from cnnserve.gateway.status import code_name
 from cnnserve.gateway.types import ClassifyCall, ModelDetails, ModelStatus
 
 __all__ = [
@@ -90,31 +87,8 @@ class OipPlane:
         self.limit = limit
 
     async def observe(self, method: str, work: Callable[[], Awaitable[T]], shed: bool = True) -> T:
-        """Run one call under the shared concurrency limit and count it as cnnserve.v1's calls are counted:
-        ``cnnserve_gateway_rpcs{method, code}`` and the latency, ``method`` naming the transport
-        (``oip.grpc/ModelInfer``, ``oip.http/ModelInfer``). Errors propagate for the transport to map.
-        Health checks pass ``shed=False``: a probe refused under load would take a busy gateway out."""
-        started = time.perf_counter()
-        code = "OK"
-        admitted = False
-        try:
-            if not shed:
-                admitted = True
-                return await work()
-            with self.limit.admit():
-                admitted = True
-                return await work()
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except BaseException as error:
-            if not admitted and isinstance(error, OverloadedError):
-                self.metrics.shed.labels(method).inc()
-            code = code_name(error)
-            raise
-        finally:
-            self.metrics.rpcs.labels(method, code).inc()
-            self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+        """One OIP call under the gateway's limit, counted as cnnserve.v1's are (:func:`metrics.observed`)."""
+        return await observed(self.metrics, self.limit, method, work, shed)
 
     # ---- health and metadata ----------------------------------------------------------------------
 
