@@ -29,13 +29,16 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from cnnserve.errors import FailedPreconditionError, InvalidInputError
+
+if TYPE_CHECKING:
+    from cnnserve.card import ModelCard
 
 __all__ = [
     "FORMATS",
@@ -55,6 +58,7 @@ __all__ = [
     "load_quantization_map",
     "served_precision",
     "precision_info",
+    "card_precision_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -420,7 +424,11 @@ def precision_info(directory: str | Path) -> dict[str, Any]:
     """
     from cnnserve.card import load_card
 
-    card = load_card(directory)
+    return card_precision_info(load_card(directory))
+
+
+def card_precision_info(card: ModelCard) -> dict[str, Any]:
+    """:func:`precision_info` of a card already loaded (a worker has its own: no second read per call)."""
     report = card.precisions or {}
     row = report.get("precisions", {}).get(card.precision, {})
     return {

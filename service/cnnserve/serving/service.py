@@ -52,7 +52,7 @@ from cnnserve.errors import (
     NotFoundError,
 )
 from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded
-from cnnserve.runtime import Runtime, load_runtime, precision_info
+from cnnserve.runtime import Runtime, card_precision_info, load_runtime
 from cnnserve.serving.finetune import (
     DEFAULT_MAX_LR,
     DivergedStepError,
@@ -421,7 +421,7 @@ class ModelService:
 
     def info(self) -> ModelInfo:
         card = self.card
-        precision = precision_info(self.model_dir)
+        precision = card_precision_info(card)
         return ModelInfo(
             model=self.name,
             version=card.version,
