@@ -24,7 +24,7 @@ from cnnserve.gateway.converters import (
 from cnnserve.gateway.core import Gateway
 from cnnserve.gateway.limits import ConcurrencyLimit
 from cnnserve.gateway.metrics import GatewayMetrics, observed
-from cnnserve.gateway.status import to_status
+from cnnserve.gateway.status import answer_or_abort
 from cnnserve.v1 import classifier_pb2 as pb
 from cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -48,14 +48,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         work: Callable[[float | None], Awaitable[Response]],
     ) -> Response:
-        try:
-            return await observed(self.metrics, self.limit, method, lambda: work(context.time_remaining()))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # every failure becomes a status, here and only here
-            status = to_status(error, method)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-            raise AssertionError("unreachable: abort raises") from None
+        call = observed(self.metrics, self.limit, method, lambda: work(context.time_remaining()))
+        return await answer_or_abort(context, method, call)
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
         return await self._run("Classify", context, lambda timeout: self._classify_one(request, timeout))

@@ -9,7 +9,10 @@ status).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -18,7 +21,9 @@ from grpc_status import rpc_status
 
 from cnnserve.errors import CnnserveError, ErrorKind
 
-__all__ = ["grpc_code", "code_name", "to_status", "to_http", "INTERNAL_MESSAGE"]
+__all__ = ["grpc_code", "code_name", "to_status", "to_http", "answer_or_abort", "INTERNAL_MESSAGE"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +78,15 @@ def to_status(error: BaseException, method: str = "") -> grpc.Status:
         log.error("internal error in %s: %s", method or "an RPC", error.message)
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
+
+
+async def answer_or_abort(context: grpc.aio.ServicerContext[Any, Any], method: str, call: Awaitable[T]) -> T:
+    """``call``'s answer; a failure ends the gRPC call with its status (every gRPC servicer's one way)."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        status = to_status(error, method)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("unreachable: abort raises") from None

@@ -1,5 +1,5 @@
 """``inference.GRPCInferenceService`` on the gateway's gRPC port: each method converts, calls the plane,
-converts back. Errors go through :func:`cnnserve.gateway.status.to_status`, as cnnserve.v1's do.
+converts back. Errors go through :func:`cnnserve.gateway.status.answer_or_abort`, as cnnserve.v1's do.
 
 Registered with :meth:`OipServicer.handler` (a generic handler: the messages live in the private pool of
 :mod:`.messages`, not in generated servicer classes). RPCs not listed there answer UNIMPLEMENTED.
@@ -7,7 +7,6 @@ Registered with :meth:`OipServicer.handler` (a generic handler: the messages liv
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -26,7 +25,7 @@ from cnnserve.gateway.oip.tensors import (
     RequestInput,
     Scalar,
 )
-from cnnserve.gateway.status import to_status
+from cnnserve.gateway.status import answer_or_abort
 
 __all__ = ["OipServicer", "infer_request", "infer_response"]
 
@@ -142,16 +141,8 @@ class OipServicer:
         work: Callable[[float | None], Awaitable[Response]],
         shed: bool = True,
     ) -> Response:
-        try:
-            return await self.plane.observe(
-                f"oip.grpc/{method}", lambda: work(context.time_remaining()), shed=shed
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # every failure becomes a status, here and only here
-            status = to_status(error, method)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-            raise AssertionError("unreachable: abort raises") from None
+        call = self.plane.observe(f"oip.grpc/{method}", lambda: work(context.time_remaining()), shed=shed)
+        return await answer_or_abort(context, method, call)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
         async def work(timeout: float | None) -> pb.ServerLiveResponse:
