@@ -131,6 +131,17 @@ def test_translate_error_maps_what_torchserve_answers(
     assert "org.pytorch" not in translated.message and "Exception" not in translated.message
 
 
+def test_a_reset_after_the_call_s_own_deadline_is_that_deadline() -> None:
+    """A microseconds deadline can end as CANCELLED with TorchServe's RST_STREAM (seen in CI): only before
+    the deadline does a reset mean a request TorchServe dropped for its size."""
+    reset = "Stream removed (RST_STREAM (Received RST_STREAM with error code 8))"
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=reset
+    )
+    assert type(translate_error(error, "lenet", deadline_passed=True)) is DeadlineExceededError
+    assert "max_request_size" in translate_error(error, "lenet", deadline_passed=False).message
+
+
 def test_only_connection_failures_and_dead_workers_are_unavailable() -> None:
     assert WorkerDiedError("x").kind is ErrorKind.UNAVAILABLE and WorkerDiedError.retryable
     assert QueueFullError("x").kind is ErrorKind.RESOURCE_EXHAUSTED and QueueFullError.retryable

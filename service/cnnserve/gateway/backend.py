@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -120,13 +121,15 @@ class TorchServeBackend:
         message = inference_pb2.PredictionsRequest(
             model_name=model, model_version=version, input=envelope(request)
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             response = await self._with_token(
                 "inference",
                 lambda metadata: self._inference.Predictions(message, timeout=timeout, metadata=metadata),
             )
         except grpc.aio.AioRpcError as error:
-            raise translate_error(error, model) from None
+            passed = deadline is not None and time.monotonic() >= deadline
+            raise translate_error(error, model, deadline_passed=passed) from None
         return read_reply(request, response.prediction)
 
     async def ping(self, timeout: float = 2.0) -> bool:
@@ -217,11 +220,14 @@ def _internal(summary: str, model: str, code: grpc.StatusCode, details: str) -> 
     return InternalError(f"{summary} (gateway error id {error_id}; the details are in the gateway log)")
 
 
-def translate_error(error: grpc.aio.AioRpcError, model: str) -> CnnserveError:
+def translate_error(error: grpc.aio.AioRpcError, model: str, deadline_passed: bool = False) -> CnnserveError:
     """TorchServe's gRPC failures -> cnnserve errors. TorchServe's details go to the log, not to clients.
 
     Only what is known to be transient is UNAVAILABLE or retryable: the channel failing (TorchServe down or
     restarting), a worker dying with the request, a full job queue. Anything else is INTERNAL.
+    ``deadline_passed``: the call's own deadline had passed when it failed. A deadline of microseconds can
+    end as CANCELLED with TorchServe's RST_STREAM instead of DEADLINE_EXCEEDED (seen in CI): that is the
+    deadline too, not a request TorchServe dropped for its size.
     """
     code, details = error.code(), error.details() or ""
     first = details.strip().splitlines()[0] if details.strip() else ""
@@ -230,7 +236,7 @@ def translate_error(error: grpc.aio.AioRpcError, model: str) -> CnnserveError:
     if code == grpc.StatusCode.UNAVAILABLE and not _answered_by_torchserve(details):
         log.warning("TorchServe is not reachable: %s", details)
         return UnavailableError("TorchServe is not reachable")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or (deadline_passed and code == grpc.StatusCode.CANCELLED):
         return DeadlineExceededError("the deadline passed before the model answered")
     if first.startswith("Worker died"):  # "Worker died.": RESOURCE_EXHAUSTED, sometimes INTERNAL
         log.warning("a TorchServe worker%s died with a request: %s %s", of_model, code.name, first)
