@@ -13,6 +13,7 @@ serve one you did not build.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,10 @@ def build_archive(export_dir: str | Path, model_store: str | Path, settings: Arc
             "--export-path", str(model_store),
             "--force",
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        # The archiver stages files in $TMPDIR/<model name> and deletes that first: two archives of one
+        # model built at once (parallel tests, a bench beside a test run) would delete each other's.
+        private = {**os.environ, "TMPDIR": tmp}
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=private)
         if result.returncode != 0:
             raise FailedPreconditionError(f"torch-model-archiver failed: {result.stderr.strip()[-500:]}")
     return model_store / f"{name}.mar"
