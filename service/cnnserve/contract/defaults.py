@@ -2,6 +2,7 @@
 
 OPS = ("classify", "shapes", "finetune", "info", "revisions", "rollback", "reset")
 TRAIN_LAYERS = ("all", "classifier")  # all: every parameter; classifier: the fully connected head only
+REPLY_FORMATS = ("json", "packed")  # how the worker answers a classify request: the gateway asks packed
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000
 DEFAULT_MOMENTUM = 0.9

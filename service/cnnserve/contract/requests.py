@@ -14,6 +14,7 @@ from cnnserve.contract.defaults import (
     DEFAULT_WEIGHT_DECAY,
     MAX_REQUEST_ID_CHARS,
     MAX_TOP_K,
+    REPLY_FORMATS,
     TRAIN_LAYERS,
 )
 from cnnserve.contract.replies import (
@@ -33,18 +34,21 @@ Reply = TypeVar("Reply")
 
 @dataclass(frozen=True)
 class RawInput:
-    """One input before decoding: encoded image bytes, or little-endian float32 bytes with a shape."""
+    """One input before decoding: encoded image bytes, or little-endian float32 bytes with a shape.
 
-    data: bytes
+    On the worker, an input of a packed envelope is a read-only ``memoryview`` slice of the request's one
+    ``inputs`` blob, so no input is copied before its decoding reads it."""
+
+    data: bytes | memoryview
     shape: tuple[int, ...] | None = None  # None: an encoded image
 
 
-def check_image(data: bytes, field: str) -> None:
+def check_image(data: bytes | memoryview, field: str) -> None:
     if not data:
         raise InvalidInputError.for_field(field, "empty image bytes")
 
 
-def check_tensor(data: bytes, shape: Sequence[int], field: str) -> tuple[int, ...]:
+def check_tensor(data: bytes | memoryview, shape: Sequence[int], field: str) -> tuple[int, ...]:
     """A tensor input's own consistency (``field``.shape, ``field``.data): a valid shape, as many
     little-endian float32 bytes as it holds, all finite. The model's input shape is the worker's check."""
     dims = tuple(int(d) for d in shape)
@@ -65,9 +69,12 @@ def check_tensor(data: bytes, shape: Sequence[int], field: str) -> tuple[int, ..
 
 
 def _describe(inputs: Sequence[RawInput]) -> list[dict[str, Any]]:
-    """The ``meta.inputs`` descriptors for an envelope carrying ``inputs``."""
+    """The ``meta.inputs`` descriptors for an envelope carrying ``inputs``: kind, shape and length in bytes
+    (which frames each input in a packed envelope's blob; an older worker reads kind and shape only)."""
     return [
-        {"kind": "tensor", "shape": list(i.shape)} if i.shape is not None else {"kind": "image"}
+        {"kind": "tensor", "shape": list(i.shape), "bytes": len(i.data)}
+        if i.shape is not None
+        else {"kind": "image", "bytes": len(i.data)}
         for i in inputs
     ]
 
@@ -99,6 +106,10 @@ class Operation(Generic[Reply]):
     def read(self, body: Mapping[str, Any]) -> Reply:
         raise NotImplementedError
 
+    def read_packed(self, data: bytes | bytearray | memoryview) -> Reply:
+        """The reply in the packed form: only classify answers one."""
+        raise ValueError(f"a packed reply to a {self.op} request")
+
 
 @dataclass(frozen=True)
 class ClassifyRequest(Operation["ClassifyReply"]):
@@ -108,6 +119,9 @@ class ClassifyRequest(Operation["ClassifyReply"]):
     revision: int | None = None  # pin a revision (0 = the trained base)
     min_revision: int | None = None  # read-your-writes: serve this revision or a newer one
     per_input_errors: bool = False  # report a bad input in its slot instead of failing the request
+    # How the worker answers: "json" (what TorchServe-direct clients get), or "packed" (a binary body that
+    # only cnnserve's read_reply reads: ClassifyReply.from_packed). The gateway's envelope asks for packed.
+    reply: str = "json"
 
     def __post_init__(self) -> None:
         _check_some(self.inputs)
@@ -115,6 +129,8 @@ class ClassifyRequest(Operation["ClassifyReply"]):
             raise InvalidInputError.for_field("top_k", f"must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         _check_revision(self.revision, "revision")
         _check_revision(self.min_revision, "min_revision")
+        if self.reply not in REPLY_FORMATS:
+            raise InvalidInputError.for_field("reply", f"expected one of {', '.join(REPLY_FORMATS)}")
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -123,6 +139,7 @@ class ClassifyRequest(Operation["ClassifyReply"]):
             "revision": self.revision,
             "min_revision": self.min_revision,
             "per_input_errors": self.per_input_errors,
+            "reply": self.reply,
         }
 
     def raw_inputs(self) -> tuple[RawInput, ...]:
@@ -130,6 +147,9 @@ class ClassifyRequest(Operation["ClassifyReply"]):
 
     def read(self, body: Mapping[str, Any]) -> ClassifyReply:
         return ClassifyReply.from_json(body)
+
+    def read_packed(self, data: bytes | bytearray | memoryview) -> ClassifyReply:
+        return ClassifyReply.from_packed(data)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The bytes on the wire: the envelope the gateway sends, the three encodings the worker parses, the JSON
-replies the gateway reads back."""
+"""The bytes on the wire: the envelope the gateway sends, the encodings the worker parses, the replies (JSON,
+or packed for the gateway's classify requests) the gateway reads back."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cnnserve.contract.defaults import (
     OPS,
     TRAIN_LAYERS,
 )
-from cnnserve.contract.replies import error_from_json
+from cnnserve.contract.replies import error_from_json, is_packed
 from cnnserve.contract.requests import (
     ClassifyRequest,
     FineTuneRequest,
@@ -46,16 +46,35 @@ def encode_json(payload: Mapping[str, Any]) -> bytes:
 
 
 def envelope(request: Operation[Any]) -> dict[str, bytes]:
-    """``request`` as TorchServe's gRPC ``input`` map: ``op``, ``meta`` as JSON, ``input.<i>`` raw bytes."""
+    """``request`` as TorchServe's gRPC ``input`` map, packed: ``op``, ``meta`` as JSON (its ``inputs`` give
+    each input's kind, shape and length in bytes) and every input's bytes concatenated under ``inputs``.
+    A classify request asks for the packed reply, which :func:`read_reply` reads."""
+    meta = request.meta()
+    if isinstance(request, ClassifyRequest):
+        meta["reply"] = "packed"
+    encoded = {"op": request.op.encode(), "meta": encode_json(meta)}
+    inputs = request.raw_inputs()
+    if inputs:
+        encoded["inputs"] = b"".join([item.data for item in inputs])  # the one copy of the inputs
+    return encoded
+
+
+def legacy_envelope(request: Operation[Any]) -> dict[str, bytes]:
+    """``request`` as an older gateway sends it: ``op``, ``meta``, and one ``input.<i>`` entry per input,
+    answered in JSON. Workers older than the packed envelope read only this form."""
     encoded = {"op": request.op.encode(), "meta": encode_json(request.meta())}
     for index, item in enumerate(request.raw_inputs()):
-        encoded[f"input.{index}"] = item.data
+        encoded[f"input.{index}"] = bytes(item.data)
     return encoded
 
 
 def read_reply(request: Operation[Reply], data: bytes | str) -> Reply:
-    """The worker's answer to ``request``: its reply type, or the error it answered raised here."""
+    """The worker's answer to ``request``: its reply type, or the error it answered raised here. A packed
+    reply (its magic prefix tells) or JSON: an older worker answers JSON whatever the request asked."""
     try:
+        if is_packed(data):
+            assert not isinstance(data, str)
+            return request.read_packed(data)
         body = json.loads(data)
         if not isinstance(body, dict):
             raise ValueError("not a JSON object")
@@ -63,7 +82,7 @@ def read_reply(request: Operation[Reply], data: bytes | str) -> Reply:
             error = body["error"]
             raise error_from_json(error if isinstance(error, dict) else {"message": str(error)})
         return request.read(body)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: a list for an object
         log.error("an unreadable %s reply (%s): %r", request.op, exc, data[:200])
         raise InternalError(f"the model returned an unreadable {request.op} reply") from None
 
@@ -122,20 +141,60 @@ def _parse_envelope(raw: Mapping[str, Any]) -> Request:
     descriptors = meta.pop("inputs", [])
     if not isinstance(descriptors, list):
         raise InvalidInputError.for_field("meta.inputs", "expected a list")
+    if "inputs" in raw:
+        return _build(meta, _split_blob(raw["inputs"], descriptors, raw))
     inputs = []
-    for index, descriptor in enumerate(descriptors):
+    for index, descriptor in enumerate(descriptors):  # an older gateway's envelope: input.<i> each
         key = f"input.{index}"
         if key not in raw:
             raise InvalidInputError.for_field(key, "described in meta.inputs but not sent")
-        data = _as_bytes(raw[key])
-        kind = descriptor.get("kind", "image") if isinstance(descriptor, dict) else None
-        if kind == "image":
-            inputs.append(RawInput(data))
-        elif kind == "tensor":
-            inputs.append(RawInput(data, _shape(descriptor.get("shape"), f"inputs[{index}].shape")))
-        else:
-            raise InvalidInputError.for_field(f"inputs[{index}].kind", "expected 'image' or 'tensor'")
+        inputs.append(RawInput(_as_bytes(raw[key]), _descriptor_shape(descriptor, index)))
     return _build(meta, tuple(inputs))
+
+
+def _descriptor_shape(descriptor: Any, index: int) -> tuple[int, ...] | None:
+    """A ``meta.inputs`` descriptor's input shape: None for an image."""
+    kind = descriptor.get("kind", "image") if isinstance(descriptor, dict) else None
+    if kind == "image":
+        return None
+    if kind == "tensor":
+        return _shape(descriptor.get("shape"), f"inputs[{index}].shape")
+    raise InvalidInputError.for_field(f"inputs[{index}].kind", "expected 'image' or 'tensor'")
+
+
+def _split_blob(value: Any, descriptors: list[Any], raw: Mapping[str, Any]) -> tuple[RawInput, ...]:
+    """A packed envelope's inputs: read-only views into its one blob, framed by the descriptors' lengths."""
+    if "input.0" in raw:
+        raise InvalidInputError.for_field(
+            "inputs", "send the inputs either as one inputs blob or as input.<i> entries, not both"
+        )
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidInputError.for_field("inputs", f"expected bytes, got {type(value).__name__}")
+    blob = memoryview(value).cast("B").toreadonly()  # bytearray from TorchServe: viewed, not copied
+    inputs = []
+    offset = 0
+    for index, descriptor in enumerate(descriptors):
+        shape = _descriptor_shape(descriptor, index)
+        length = descriptor.get("bytes")  # a dict: _descriptor_shape checked it
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise InvalidInputError.for_field(
+                f"inputs[{index}].bytes", "expected the input's length in bytes, an integer >= 0"
+            )
+        end = offset + length
+        if end > len(blob):
+            raise InvalidInputError.for_field(
+                f"inputs[{index}].bytes",
+                f"inputs[0..{index}] need {end} bytes but the inputs blob has {len(blob)}",
+            )
+        inputs.append(RawInput(blob[offset:end], shape))
+        offset = end
+    if offset != len(blob):
+        raise InvalidInputError.for_field(
+            "inputs", f"meta.inputs describe {offset} bytes but the inputs blob has {len(blob)}"
+        )
+    return tuple(inputs)
 
 
 def _parse_json(body: dict[str, Any]) -> Request:
@@ -217,6 +276,16 @@ def _float(body: Mapping[str, Any], key: str, default: float | None = None) -> f
     return float(value)
 
 
+def _string(body: Mapping[str, Any], key: str, default: str) -> str:
+    """An optional string field (absent or null: ``default``); its values are the request type's check."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidInputError.for_field(key, f"expected a string, got {value!r}")
+    return value
+
+
 def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
     op = body.get("op", "classify")
     if op not in OPS:
@@ -229,6 +298,7 @@ def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
             revision=_int(body, "revision"),
             min_revision=_int(body, "min_revision"),
             per_input_errors=bool(body.get("per_input_errors", False)),
+            reply=_string(body, "reply", "json"),
         )
     if op == "shapes":
         shape = body.get("input_shape")

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import grpc
 from google.protobuf import empty_pb2
 
-from cnnserve.contract import Operation, envelope, read_reply
+from cnnserve.contract import Operation, envelope, legacy_envelope, read_reply
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
@@ -92,6 +92,8 @@ class TorchServeBackend:
         self._keys = TorchServeKeys(None, None)
         self._reload_keys()
         self.target = inference_target
+        # (model, version) whose workers predate the packed envelope (an older archive): sent the legacy one.
+        self._legacy: set[tuple[str, str]] = set()
 
     def _reload_keys(self) -> None:
         """Read TorchServe's key_file.json (absent: token authorization is off)."""
@@ -118,10 +120,31 @@ class TorchServeBackend:
             return await send(self._metadata(api))
 
     async def call(self, model: str, version: str, request: Request[Reply], timeout: float | None) -> Reply:
-        message = inference_pb2.PredictionsRequest(
-            model_name=model, model_version=version, input=envelope(request)
-        )
         deadline = None if timeout is None else time.monotonic() + timeout
+        if (model, version) in self._legacy:
+            return await self._predict(model, version, request, legacy_envelope(request), deadline)
+        try:
+            return await self._predict(model, version, request, envelope(request), deadline)
+        except InvalidInputError as exc:
+            if not _predates_packed_envelope(exc):
+                raise
+        log.warning(
+            "the %s workers predate the packed envelope (an older archive): sending them the legacy one",
+            model,
+        )
+        self._legacy.add((model, version))
+        return await self._predict(model, version, request, legacy_envelope(request), deadline)
+
+    async def _predict(
+        self,
+        model: str,
+        version: str,
+        request: Request[Reply],
+        encoded: dict[str, bytes],
+        deadline: float | None,
+    ) -> Reply:
+        message = inference_pb2.PredictionsRequest(model_name=model, model_version=version, input=encoded)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             response = await self._with_token(
                 "inference",
@@ -171,6 +194,15 @@ class TorchServeBackend:
     async def close(self) -> None:
         await self._inference_channel.close()
         await self._management_channel.close()
+
+
+def _predates_packed_envelope(error: InvalidInputError) -> bool:
+    """What a worker older than the packed envelope answers it: it looks for ``input.0`` only (a current
+    worker never names that field for a packed envelope)."""
+    return any(
+        v.field == "input.0" and "described in meta.inputs but not sent" in v.description
+        for v in error.violations
+    )
 
 
 async def _watch_channel(channel: grpc.aio.Channel, on_drop: Callable[[], None]) -> None:

@@ -135,7 +135,7 @@ class CnnserveHandler:
         assert self.service is not None, "initialize() was not called"
         replies = self._restarting(data) if self.broken is not None else self._replies(self.service, data)
         for index, reply in enumerate(replies):
-            context.set_response_content_type(index, "application/json")
+            context.set_response_content_type(index, reply.content_type)
             if reply.status != 200:
                 context.set_response_status(reply.status, "error", index)
         return [reply.body for reply in replies]

@@ -42,6 +42,7 @@ from cnnserve.contract import (
     WorkerTiming,
     encode_json,
     error_json,
+    pack_classify,
     parse_request,
 )
 from cnnserve.errors import (
@@ -51,7 +52,7 @@ from cnnserve.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from cnnserve.preprocess import Preprocessing, decode_image, decode_tensor, prepare_decoded
+from cnnserve.preprocess import Preprocessing, decode_images, decode_tensor, prepare_decoded
 from cnnserve.runtime import Runtime, card_precision_info, load_runtime
 from cnnserve.serving.finetune import (
     DEFAULT_MAX_LR,
@@ -104,14 +105,44 @@ class ServiceConfig:
         return min(self.runtime_cache, self.gpu_runtime_cache) if self.on_cuda else self.runtime_cache
 
 
+JSON_CONTENT_TYPE = "application/json"
+PACKED_CONTENT_TYPE = "application/octet-stream"  # a packed classify reply (contract.pack_classify)
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
     body: bytes
+    content_type: str = JSON_CONTENT_TYPE
 
 
 def _info(revision: Revision) -> RevisionInfo:
     return RevisionInfo.from_json(revision.public())
+
+
+def _scores(labels: Sequence[str], indices: list[int], probabilities: list[float]) -> tuple[ClassScore, ...]:
+    return tuple(ClassScore(labels[i], i, p) for i, p in zip(indices, probabilities))
+
+
+def _packed_reply(
+    reply: ClassifyReply,
+    labels: Sequence[str],
+    indices: np.ndarray,
+    probabilities: np.ndarray,
+    scored: list[int],
+    slot_errors: dict[int, CnnserveError],
+) -> Reply:
+    """``reply`` packed: the ``(M, k)`` top-k of the ``scored`` slots, the errors in theirs."""
+    rows, k = len(scored) + len(slot_errors), indices.shape[1]
+    packed_indices = np.full((rows, k), -1, "<i4")  # (rows, k); an error slot's row stays filler
+    packed_probabilities = np.zeros((rows, k), "<f4")
+    packed_indices[scored] = indices
+    packed_probabilities[scored] = probabilities
+    named = {int(i): labels[i] for i in np.unique(indices)}
+    body = pack_classify(
+        reply, rows, k, packed_indices.tobytes(), packed_probabilities.tobytes(), slot_errors, named
+    )
+    return Reply(200, body, PACKED_CONTENT_TYPE)
 
 
 def _error_reply(exc: CnnserveError) -> Reply:
@@ -171,6 +202,7 @@ class ModelService:
         self._trainer: _Trainer | None = None
         self._head_cache: Revision | None = None
         self._unservable: dict[str, str] = {}  # sha256 -> why: weights an older cnnserve stored with NaN
+        decode_images([], self.pre.channels)  # loads the PNG decoder (torchvision: seconds) now, not later
 
     # ---- the batch ------------------------------------------------------------------------------
 
@@ -236,16 +268,33 @@ class ModelService:
             raise NotFoundError(f"revision {request.min_revision} does not exist (head is {head.revision})")
         return revision
 
-    def _decode(self, raw: RawInput, index: int) -> torch.Tensor:
-        """A tensor input as ``(1, C, H, W)`` float, or an image as uint8 ``(C, H, W)`` (prepared later)."""
-        if raw.shape is not None:
-            return decode_tensor(raw.data, raw.shape, self.card.input_shape, field=f"inputs[{index}]")[None]
-        try:
-            return decode_image(raw.data, self.pre.channels)
-        except InvalidInputError as exc:
-            raise InvalidInputError.for_field(
-                f"inputs[{index}].image", exc.violations[0].description
-            ) from None
+    def _decode(
+        self, inputs: Sequence[RawInput], positions: Sequence[int] | None = None
+    ) -> list[torch.Tensor | CnnserveError]:
+        """Each input decoded, in order: a tensor as ``(1, C, H, W)`` float, an image as uint8 ``(C, H, W)``
+        (prepared later), or that input's error, its field named by the input's position in its own request
+        (``positions``; default: its index here). The images go through one :func:`decode_images` call,
+        however many requests they came in."""
+        where = range(len(inputs)) if positions is None else positions
+        decoded: list[torch.Tensor | CnnserveError | None] = []
+        images: list[int] = []  # indices of the image inputs
+        for index, raw in enumerate(inputs):
+            if raw.shape is None:
+                images.append(index)
+                decoded.append(None)
+                continue
+            try:
+                field = f"inputs[{where[index]}]"
+                decoded.append(decode_tensor(raw.data, raw.shape, self.card.input_shape, field=field)[None])
+            except CnnserveError as exc:
+                decoded.append(exc)
+        for index, image in zip(images, decode_images([inputs[i].data for i in images], self.pre.channels)):
+            if isinstance(image, InvalidInputError):
+                description = image.violations[0].description
+                decoded[index] = InvalidInputError.for_field(f"inputs[{where[index]}].image", description)
+            else:
+                decoded[index] = image
+        return [item for item in decoded if item is not None]
 
     def _classify(self, batch: list[_Pending]) -> list[Reply]:
         """The batch's classify requests: admit (revision, decode), preprocess, one forward pass per weights
@@ -274,6 +323,7 @@ class ModelService:
     ) -> dict[str, list[tuple[_Pending, int]]]:
         """Resolve each request's revision and decode its inputs; the inputs grouped by weights (sha256)."""
         groups: dict[str, list[tuple[_Pending, int]]] = {}
+        admitted: list[_Pending] = []
         for pending in batch:
             try:
                 if len(pending.request.inputs) > self.config.max_inputs:
@@ -285,13 +335,22 @@ class ModelService:
             except CnnserveError as exc:
                 errors[pending.index] = exc
                 continue
-            for position, raw in enumerate(pending.request.inputs):
-                try:
-                    pending.tensors.append(self._decode(raw, position))
-                except CnnserveError as exc:
-                    pending.tensors.append(exc)
+            admitted.append(pending)
+        # Every image of the batch in one decode call (one pass of the C decoder's set-up).
+        decoded = iter(
+            self._decode(
+                [raw for pending in admitted for raw in pending.request.inputs],
+                [position for pending in admitted for position in range(len(pending.request.inputs))],
+            )
+        )
+        for pending in admitted:
+            assert pending.revision is not None
+            for position in range(len(pending.request.inputs)):
+                item = next(decoded)
+                pending.tensors.append(item)
+                if isinstance(item, CnnserveError):
                     if not pending.request.per_input_errors:
-                        errors.setdefault(pending.index, exc)
+                        errors.setdefault(pending.index, item)
                     continue
                 groups.setdefault(pending.revision.sha256, []).append((pending, position))
         return groups
@@ -345,24 +404,44 @@ class ModelService:
         if pending.index in errors:
             return _error_reply(errors[pending.index])
         assert pending.revision is not None
-        predictions: list[Prediction] = [
-            tensor
-            if isinstance(tensor, CnnserveError)
-            else self._top_k(logits[(pending.index, position)], pending.request.top_k)
-            for position, tensor in enumerate(pending.tensors)
-        ]
+        request = pending.request
+        slot_errors = {i: t for i, t in enumerate(pending.tensors) if isinstance(t, CnnserveError)}
+        scored = [i for i in range(len(pending.tensors)) if i not in slot_errors]
+        if scored:
+            block = np.stack([logits[(pending.index, i)] for i in scored])  # (M, classes)
+        else:  # per_input_errors, and every input failed
+            block = np.zeros((0, self.card.num_classes), np.float32)
+        indices, probabilities = self._top_k(block, request.top_k)  # (M, k), k = min(top_k, classes)
         reply = ClassifyReply(
             model=self.name,
             version=self.card.version,
             revision=pending.revision.revision,
-            predictions=tuple(predictions),
+            predictions=(),
             format=self.config.format,
             device=self.device,
             provider=self.provider,
             worker=os.getpid(),  # which TorchServe worker process answered
             timing=timing,
         )
-        return Reply(200, encode_json(reply.to_json()))
+        labels = self.card.labels
+        if request.reply == "packed":
+            return _packed_reply(reply, labels, indices, probabilities, scored, slot_errors)
+        scores = iter(zip(indices.tolist(), probabilities.tolist()))  # one per scored input, in order
+        predictions: tuple[Prediction, ...] = tuple(
+            slot_errors[i] if i in slot_errors else _scores(labels, *next(scores))
+            for i in range(len(pending.tensors))
+        )
+        return Reply(200, encode_json(replace(reply, predictions=predictions).to_json()))
+
+    @staticmethod
+    def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most probable classes of each row of ``(N, classes)`` logits, best first: ``(N, k')``
+        class indices and their softmax probabilities (float32), ``k' = min(k, classes)``. The sort is
+        stable, so equal probabilities keep class order. (A method: tests wrap it to make a worker fail.)"""
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # (N, classes)
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(k, logits.shape[1])]  # (N, k')
+        return order, np.take_along_axis(probabilities, order, axis=1)
 
     def _prepare(self, batch: list[_Pending]) -> None:
         """Preprocess every decoded image of the batch at once (one call per image size)."""
@@ -370,13 +449,6 @@ class ModelService:
         prepared = prepare_decoded([p.tensors[i] for p, i in slots], self.pre)  # type: ignore[misc]
         for (pending, position), tensor in zip(slots, prepared):
             pending.tensors[position] = tensor
-
-    def _top_k(self, logits: np.ndarray, k: int) -> tuple[ClassScore, ...]:
-        """The ``k`` most probable classes of one input's ``(classes,)`` logits, best first."""
-        shifted = np.exp(logits - logits.max())
-        probabilities = shifted / shifted.sum()
-        order = np.argsort(-probabilities, kind="stable")[: min(k, len(probabilities))]
-        return tuple(ClassScore(self.card.labels[i], int(i), float(probabilities[i])) for i in order)
 
     def _runtime(self, revision: Revision, weights: Mapping[str, torch.Tensor] | None = None) -> Runtime:
         """The runtime serving ``revision``'s weights, from the per-worker LRU cache (keyed by sha256)."""
@@ -498,9 +570,11 @@ class ModelService:
             raise InvalidInputError.for_field(
                 "labels", f"{bad[0]} is outside [0, {self.card.num_classes}) for {self.name}"
             )
-        inputs = torch.cat(
-            prepare_decoded([self._decode(raw, i) for i, raw in enumerate(request.inputs)], self.pre)
-        )
+        decoded = self._decode(request.inputs)
+        failed = next((item for item in decoded if isinstance(item, CnnserveError)), None)
+        if failed is not None:
+            raise failed
+        inputs = torch.cat(prepare_decoded(decoded, self.pre))  # type: ignore[arg-type]  # all tensors
         labels = torch.tensor(request.labels, dtype=torch.int64)
         settings = StepSettings(
             request.lr, request.momentum, request.weight_decay, request.train_layers, request.max_grad_norm
