@@ -18,7 +18,8 @@ process when it dies.
   code or signal, and where its logs are), the rest of its process group is stopped, and it is started
   again after a back-off, a bounded number of times (:class:`RestartPolicy`). The others keep running.
 
-Files in the state directory: ``gateway.pid`` and ``gateway.log`` (the gateway), ``torchserve/`` (when the
+Files in the state directory: ``gateway.pid``, ``gateway.log`` and, while it listens, ``gateway.ready`` (the
+gateway; with ``--processes N`` > 1 the pid is its supervisor's), ``torchserve/`` (when the
 TorchServe settings put it there, as ``serve`` and the benchmark do), and ``serve`` adds ``serve.pid`` and,
 detached, ``serve.log``.
 """
@@ -34,12 +35,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TypedDict
+from typing import Any, Protocol, TypedDict
 
 from cnnserve.errors import CnnserveError, FailedPreconditionError, InvalidInputError, UnavailableError
-from cnnserve.gateway.settings import GatewaySettings, parse_address
+from cnnserve.gateway.settings import GatewaySettings, parse_address, settings_flags
 from cnnserve.processes import describe_exit, file_size, stop_child, tail
 from cnnserve.torchserve import TorchServe, TorchServeSettings
 
@@ -48,6 +49,7 @@ __all__ = [
     "wire_gateway",
     "served_models",
     "GATEWAY_PID_FILE",
+    "GATEWAY_READY_FILE",
     "SERVE_PID_FILE",
     "SERVE_LOG",
     "GatewayClient",
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 GATEWAY_PID_FILE = "gateway.pid"
+GATEWAY_READY_FILE = "gateway.ready"  # written by the gateway once every one of its processes listens
 SERVE_PID_FILE = "serve.pid"  # the supervisor (``cnnserve serve``, foreground or detached)
 SERVE_LOG = "serve.log"  # a detached supervisor's output
 
@@ -210,11 +213,7 @@ def wire_gateway(gateway: GatewaySettings, torchserve: TorchServeSettings) -> Ga
 def gateway_flags(settings: GatewaySettings) -> list[str]:
     """``cnnserve gateway`` flags for ``settings``, but the token: it travels in the environment
     (``CNNSERVE_GATEWAY_TOKEN``), where ``ps`` does not show it."""
-    flags = []
-    for field in fields(GatewaySettings):
-        if field.name != "token":
-            flags += ["--" + field.name.replace("_", "-"), str(getattr(settings, field.name))]
-    return flags
+    return settings_flags(settings)
 
 
 class Supervised(Protocol):
@@ -241,7 +240,11 @@ class Supervised(Protocol):
 
 
 class GatewayProcess:
-    """``cnnserve gateway`` in its own process group, logging to ``<state_dir>/gateway.log``."""
+    """``cnnserve gateway`` in its own process group, logging to ``<state_dir>/gateway.log``.
+
+    It is ready once ``<state_dir>/gateway.ready`` says every one of its processes listens (``--ready-file``:
+    with ``--processes N`` the health service on the shared port answers from whichever process took the
+    connection, so SERVING from one says nothing of the others) and its health is SERVING."""
 
     name = "the gateway"
 
@@ -260,13 +263,26 @@ class GatewayProcess:
     def log_file(self) -> Path:
         return self.state_dir / "gateway.log"
 
+    @property
+    def ready_file(self) -> Path:
+        return self.state_dir / GATEWAY_READY_FILE
+
+    def listening(self) -> dict[str, Any] | None:
+        """What the gateway's ready file says (its pid, its processes' pids, its addresses), None while
+        not every process listens."""
+        from cnnserve.gateway.processes import read_ready_file
+
+        return read_ready_file(self.ready_file)
+
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "CNNSERVE_GATEWAY_TOKEN": self.settings.token}
         self._log_start = file_size(self.log_file)
+        self.ready_file.unlink(missing_ok=True)  # a killed gateway's: this start writes its own
+        flags = gateway_flags(replace(self.settings, ready_file=str(self.ready_file.resolve())))
         with open(self.log_file, "ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cnnserve.cli", "gateway", *gateway_flags(self.settings)],
+                [sys.executable, "-m", "cnnserve.cli", "gateway", *flags],
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -275,8 +291,8 @@ class GatewayProcess:
         (self.state_dir / GATEWAY_PID_FILE).write_text(f"{self.process.pid}\n")
 
     def wait_serving(self, timeout: float = 60.0, stop: threading.Event | None = None) -> bool:
-        """Block until the gateway's health is SERVING (True), or ``stop`` is set (False); UnavailableError
-        when the gateway exits or time runs out."""
+        """Block until every gateway process listens (its ready file) and the health is SERVING (True), or
+        ``stop`` is set (False); UnavailableError when the gateway exits or time runs out."""
         deadline = time.monotonic() + timeout
         stop = stop or threading.Event()
         answer = ""
@@ -286,7 +302,11 @@ class GatewayProcess:
                     f"the gateway {describe_exit(self.process.returncode)} while starting; "
                     f"{self.where_logs()}{_lines('gateway.log', self.last_lines())}"
                 )
-            status, why = _health(self.client, "", 2.0)
+            listening = self.listening()
+            if listening is None or listening.get("pid") != (self.process and self.process.pid):
+                status, why = None, "not every gateway process listens yet"
+            else:
+                status, why = _health(self.client, "", 2.0)
             if status == "SERVING":
                 return True
             answer = status or why
@@ -315,6 +335,7 @@ class GatewayProcess:
         if self.process is not None:
             stop_child(self.process, self.state_dir / GATEWAY_PID_FILE, timeout)
             self.process = None
+            self.ready_file.unlink(missing_ok=True)  # one a killed gateway left
 
 
 def served_models(settings: TorchServeSettings) -> tuple[str, ...]:
@@ -519,6 +540,7 @@ class Deployment:
     clients, and a gateway started again after it died, dial the address its settings name. ``models`` are
     those a start waits for a READY worker of (default: :func:`served_models`). ``tls_ca`` is the CA bundle
     this process's own clients of the gateway trust (default: the gateway's certificate).
+    ``gateway_processes``, when given, overrides the gateway settings' ``processes`` (0: auto).
 
     Building one checks what can be checked before anything starts (InvalidInputError for a port 0,
     FailedPreconditionError for a certificate no client here could verify). :meth:`start` starts it once;
@@ -533,12 +555,17 @@ class Deployment:
         *,
         models: Sequence[str] = (),
         tls_ca: str | None = None,
+        gateway_processes: int | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.torchserve = TorchServe(torchserve)
         self._torchserve_child = TorchServeChild(self.torchserve, models)
         self.gateway: GatewayProcess | None = None
         if gateway is not None:
+            if gateway_processes is not None:
+                if gateway_processes < 0:
+                    raise InvalidInputError.for_field("processes", "must be 1 or more, or 0 (auto)")
+                gateway = replace(gateway, processes=gateway_processes)
             wired = wire_gateway(gateway, torchserve)
             if parse_address(wired.listen)[1] == 0:
                 raise InvalidInputError.for_field(
@@ -591,11 +618,18 @@ class Deployment:
         return self.supervisor(RestartPolicy(max_restarts=0), ready_timeout, stop).start()
 
     def pids(self) -> dict[str, int]:
-        """``{"torchserve": pid, "gateway": pid}`` of the processes started (and not stopped)."""
+        """``{"torchserve": pid, "gateway": pid}`` of the processes started (and not stopped); with
+        ``--processes N`` > 1 the gateway's is its supervisor's (:meth:`gateway_pids`: its processes)."""
         started = {"torchserve": self._torchserve_child.process}
         if self.gateway is not None:
             started["gateway"] = self.gateway.process
         return {name: process.pid for name, process in started.items() if process is not None}
+
+    def gateway_pids(self) -> list[int]:
+        """The gateway processes that serve (one, or a supervisor's N), as its ready file says; [] while
+        not every one listens."""
+        listening = self.gateway.listening() if self.gateway is not None else None
+        return [int(pid) for pid in listening["pids"]] if listening else []
 
     def stop(self) -> None:
         """Stop the gateway (it drains its calls), then TorchServe; what does not run is skipped."""

@@ -184,7 +184,9 @@ def _add_serve(subparsers: Any) -> None:
         "everything stops and serve exits 1. Foreground by default: Ctrl-C or SIGTERM stops everything "
         "cleanly. --detach runs the same supervisor in the background (its output in STATE_DIR/serve.log) "
         "and returns once it is ready; `cnnserve stop` stops it. "
-        "The gateway is wired to the TorchServe this starts (its --torchserve* flags are ignored here).",
+        "The gateway is wired to the TorchServe this starts (its --torchserve* flags are ignored here); "
+        "with --processes N it runs N gateway processes on its ports (docs/deployment.md), and serve waits "
+        "until every one of them listens.",
     )
     add_torchserve_arguments(parser)
     add_arguments(parser)
@@ -322,6 +324,7 @@ def _serve_info(
         "grpc_gateway": deployment.gateway_target,
         "gateway_tls_ca": gateway.client["tls_ca"] if gateway else None,
         "gateway_token_required": bool(gateway and gateway.settings.token),
+        "gateway_pids": deployment.gateway_pids(),  # one, or the --processes N children
         "http_inference": deployment.http_url,
         "torchserve_grpc": deployment.grpc_target,
         "token_auth": settings.token_auth,
@@ -354,6 +357,11 @@ def _serve_text(info: dict[str, Any], detached: bool) -> str:
             buf += ' -H "authorization: Bearer $CNNSERVE_GATEWAY_TOKEN"'
         lines.append(f"  gRPC:  cnnserve classify digit.png --model lenet {client}")
         lines.append(f"         {buf} --list-methods {url}")
+        pids = info["gateway_pids"]
+        if len(pids) > 1:
+            lines.append(
+                f"         {len(pids)} gateway processes on one port (pids {', '.join(map(str, pids))})"
+            )
     lines.append(f"  HTTP:  {curl}")
     restarts = info["max_restarts"]
     watch = f"restarted up to {restarts} times in a row" if restarts else "not restarted (--no-restart)"

@@ -9,6 +9,10 @@ Beside ``cnnserve.v1.Classifier`` the same server serves ``inference.GRPCInferen
 Inference Protocol, :mod:`cnnserve.gateway.oip`), and, unless ``http_listen`` is "off", the OIP REST API runs
 as an aiohttp app on the same event loop; both go through the same core, interceptors, limit and metrics.
 
+With ``processes`` > 1 (or auto choosing more than one), :func:`serve` runs the supervisor of
+:mod:`cnnserve.gateway.processes` instead, whose children are each this server, listening with
+``SO_REUSEPORT`` on the same ports (``reuse_port``) and serving metrics aggregated over all of them.
+
 Health is re-checked every ``health_interval`` seconds, and at once when the connection to TorchServe drops
 or a call cannot reach it (``Gateway.request_refresh``). A request body that is not a valid protobuf message
 is INVALID_ARGUMENT for every method (:class:`DecodeErrorInterceptor`), not grpc's default UNKNOWN.
@@ -21,7 +25,9 @@ import contextlib
 import hmac
 import inspect
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -298,6 +304,7 @@ class RunningGateway:
         await self.gateway.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
 
 def _server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
@@ -309,9 +316,15 @@ def _server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | N
 
 
 async def create_server(
-    settings: GatewaySettings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
+    settings: GatewaySettings,
+    backend: Backend | None = None,
+    metrics: GatewayMetrics | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> RunningGateway:
-    """Build, start and return the gateway. ``backend`` defaults to TorchServe as ``settings`` say."""
+    """Build, start and return the gateway. ``backend`` defaults to TorchServe as ``settings`` say.
+    ``reuse_port``: listen with ``SO_REUSEPORT`` (gRPC, REST and metrics), beside the other processes of a
+    ``--processes N`` gateway; otherwise an address in use is an error, as it should be for one process."""
     metrics = metrics or GatewayMetrics()
     max_bytes = settings.max_message_mb * 2**20
     if backend is None:
@@ -343,7 +356,8 @@ async def create_server(
             ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ("grpc.so_reuseport", 0),
+            # grpc turns SO_REUSEPORT on by default: a second gateway on a port would silently share it.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     # Shedding lives in the servicer, not in an interceptor: an interceptor that wraps handlers builds a new
@@ -373,11 +387,20 @@ async def create_server(
         from prometheus_client import start_http_server
 
         metrics_host, metrics_port = parse_address(settings.metrics_listen)
-        running._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+        if reuse_port:
+            running._metrics_server = _start_shared_metrics_server(
+                metrics_host, metrics_port, metrics.registry
+            )
+        else:
+            running._metrics_server, _ = start_http_server(
+                metrics_port, metrics_host, registry=metrics.registry
+            )
         running.metrics_port = running._metrics_server.server_port
     if settings.http_listen != "off":
         try:
-            running._http_runner, running.http_port = await _start_http(settings, oip_plane, max_bytes)
+            running._http_runner, running.http_port = await _start_http(
+                settings, oip_plane, max_bytes, reuse_port
+            )
         except BaseException:  # its address taken, say: leave nothing running behind the error
             if running._metrics_server is not None:
                 running._metrics_server.shutdown()
@@ -400,7 +423,32 @@ async def create_server(
     return running
 
 
-async def _start_http(settings: GatewaySettings, plane: OipPlane, max_bytes: int) -> tuple[Any, int]:
+def _start_shared_metrics_server(host: str, port: int, registry: Any) -> Any:
+    """prometheus_client's ``start_http_server``, listening with ``SO_REUSEPORT``: the one port every
+    process of a ``--processes N`` gateway answers on (each answers for all)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class SharedServer(ThreadingWSGIServer):
+        address_family = family
+        allow_reuse_port = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = make_server(host, port, make_wsgi_app(registry), SharedServer, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+async def _start_http(
+    settings: GatewaySettings, plane: OipPlane, max_bytes: int, reuse_port: bool = False
+) -> tuple[Any, int]:
     """The OIP REST app on ``settings.http_listen``, with the gRPC side's token and TLS; (runner, port)."""
     import ssl
 
@@ -417,24 +465,98 @@ async def _start_http(settings: GatewaySettings, plane: OipPlane, max_bytes: int
     )
     await runner.setup()
     host, port = parse_address(settings.http_listen)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=settings.grace_period)
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        ssl_context=ssl_context,
+        shutdown_timeout=settings.grace_period,
+        reuse_port=reuse_port or None,  # None: aiohttp's default, as for one process
+    )
     await site.start()
     return runner, int(runner.addresses[0][1])
 
 
-async def serve(settings: GatewaySettings, ready: Callable[[RunningGateway], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    running = await create_server(settings)
+async def serve(
+    settings: GatewaySettings,
+    ready: Callable[[RunningGateway], None] | None = None,
+    backend: Backend | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    With ``settings.processes`` (auto: from the CPU quota) over 1, run the supervisor of that many gateway
+    processes instead (:func:`cnnserve.gateway.processes.supervise`; ``ready`` and ``backend`` are for one
+    process). A child of that supervisor (``CNNSERVE_GATEWAY_SUPERVISOR_PID``) shares its ports and metrics
+    and stops when the supervisor is gone."""
+    from cnnserve.gateway import processes
+
+    supervisor = processes.supervisor_pid(os.environ)
+    if supervisor is None:
+        plan = processes.plan_processes(settings.processes)
+        log.info("gateway processes: %d (%s)", plan.processes, plan.reason)
+        if plan.processes > 1:
+            if backend is not None:
+                raise ValueError("a backend object serves one process: run --processes 1 with it")
+            await processes.supervise(settings, plan.processes)
+            return
+    multiprocess_dir = os.environ.get(processes.MULTIPROC_ENV) if supervisor is not None else None
+    running = await create_server(
+        settings,
+        backend,
+        GatewayMetrics(multiprocess_dir=multiprocess_dir),
+        reuse_port=supervisor is not None,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watch = None
+    if supervisor is not None:
+        watch = loop.create_task(_watch_supervisor(supervisor, stop))
     if ready is not None:
         ready(running)
-    await stop.wait()
+    if settings.ready_file:
+        processes.write_ready_file(settings.ready_file, os.getpid(), [os.getpid()], _listening(running))
+    try:
+        await stop.wait()
+    finally:
+        if settings.ready_file:  # first: whoever waits on it must not take a draining gateway as ready
+            with contextlib.suppress(OSError):
+                os.unlink(settings.ready_file)
+        if watch is not None:
+            watch.cancel()
     log.info("shutting down: health NOT_SERVING, %.1f s grace for calls in flight", settings.grace_period)
     with contextlib.suppress(asyncio.CancelledError):
         await running.stop()
+
+
+def _listening(running: RunningGateway) -> GatewaySettings:
+    """``running``'s settings with the ports it really listens on (a port 0 resolved)."""
+    from dataclasses import replace
+
+    settings = running.settings
+
+    def concrete(address: str, port: int | None) -> str:
+        if address == "off" or port is None:
+            return address
+        host = parse_address(address)[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    return replace(
+        settings,
+        listen=concrete(settings.listen, running.port),
+        http_listen=concrete(settings.http_listen, running.http_port),
+        metrics_listen=concrete(settings.metrics_listen, running.metrics_port),
+    )
+
+
+async def _watch_supervisor(pid: int, stop: asyncio.Event, interval: float = 1.0) -> None:
+    """Set ``stop`` once process ``pid`` (this child's supervisor) is no longer its parent: a supervisor
+    killed with SIGKILL must not leave its children serving on its ports."""
+    while os.getppid() == pid:
+        await asyncio.sleep(interval)
+    log.warning("the gateway supervisor (pid %d) is gone: stopping", pid)
+    stop.set()
 
 
 class GatewayThread:

@@ -15,7 +15,18 @@ from typing import Any
 
 from cnnserve.errors import InvalidInputError
 
-__all__ = ["GatewaySettings", "OPTIONS", "add_arguments", "settings_from_args", "parse_address"]
+__all__ = [
+    "GatewaySettings",
+    "OPTIONS",
+    "AUTO_PROCESSES",
+    "add_arguments",
+    "settings_from_args",
+    "settings_flags",
+    "parse_address",
+    "parse_processes",
+]
+
+AUTO_PROCESSES = 0  # --processes auto: chosen from the CPU quota at start (gateway/processes.py)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class GatewaySettings:
     keepalive_timeout: float = 10.0
     health_interval: float = 2.0
     backend_try_timeout: float = 10.0  # 0: no bound but the caller's deadline
+    processes: int = AUTO_PROCESSES  # gateway processes on the same ports (1: one process, no supervisor)
+    ready_file: str = ""  # written (JSON: pids, addresses) once every gateway process listens; "": none
 
 
 # name -> (environment variable, meaning)
@@ -80,7 +93,34 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "CNNSERVE_GATEWAY_BACKEND_TRY_SECONDS",
         "longest a Classify waits for one TorchServe answer before retrying once; 0: the caller's deadline",
     ),
+    "processes": (
+        "CNNSERVE_GATEWAY_PROCESSES",
+        "gateway processes sharing the listen ports (SO_REUSEPORT), each with its own micro-batcher; "
+        "0 or 'auto': from the CPU quota",
+    ),
+    "ready_file": (
+        "CNNSERVE_GATEWAY_READY_FILE",
+        "file written (JSON: pids, addresses) once every gateway process listens, removed at exit; "
+        "empty: none",
+    ),
 }
+
+
+def parse_processes(text: str) -> int:
+    """``--processes``: a count, or ``auto`` (the same as 0: chosen from the CPU quota at start)."""
+    if text.strip().lower() == "auto":
+        return AUTO_PROCESSES
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes or 'auto'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more processes, or 0/'auto'")
+    return value
+
+
+# Flags whose text is not just the default's type applied to it.
+_PARSERS: dict[str, Any] = {"processes": parse_processes}
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -98,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | 
     for field in fields(GatewaySettings):
         env, meaning = OPTIONS[field.name]
         default = getattr(defaults, field.name)
-        kind = type(default)
+        kind = _PARSERS.get(field.name, type(default))
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=f"gateway_{field.name}",
@@ -123,4 +163,16 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
             raise InvalidInputError.for_field(name, "must be at least 1")
     if not (math.isfinite(settings.backend_try_timeout) and settings.backend_try_timeout >= 0):
         raise InvalidInputError.for_field("backend_try_timeout", "must be a number of seconds >= 0")
+    if settings.processes < 0:
+        raise InvalidInputError.for_field("processes", "must be 1 or more, or 0 (auto)")
     return settings
+
+
+def settings_flags(settings: GatewaySettings) -> list[str]:
+    """``cnnserve gateway`` flags for ``settings``, but the token: it travels in the environment
+    (``CNNSERVE_GATEWAY_TOKEN``), where ``ps`` does not show it."""
+    flags = []
+    for field in fields(GatewaySettings):
+        if field.name != "token":
+            flags += ["--" + field.name.replace("_", "-"), str(getattr(settings, field.name))]
+    return flags
