@@ -133,8 +133,11 @@ def test_concurrency_limit_sheds_instead_of_queueing() -> None:
 
     seen: list[int] = []
     limit = ConcurrencyLimit(2, seen.append)
-    with limit.admit(), limit.admit():
-        with pytest.raises(OverloadedError, match="over 2 concurrent calls"), limit.admit():
-            pass
-        assert limit.in_flight == 2
+    limit.enter()
+    limit.enter()
+    with pytest.raises(OverloadedError, match="over 2 concurrent calls"):
+        limit.enter()
+    assert limit.in_flight == 2
+    limit.leave()
+    limit.leave()
     assert limit.in_flight == 0 and seen == [1, 2, 1, 0]

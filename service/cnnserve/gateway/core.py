@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from cnnserve.contract import (
     DEFAULT_TOP_K,
@@ -91,9 +92,8 @@ class _BatchKey:
     revision: int | None
 
 
-@dataclass(frozen=True)
-class _Single:
-    """One single-input Classify waiting for a micro-batch."""
+class _Single(NamedTuple):
+    """One single-input Classify waiting for a micro-batch (a NamedTuple: one is built per call)."""
 
     raw: RawInput
     top_k: int
@@ -230,6 +230,9 @@ class Gateway:
 
     async def _served(self, model: str, version: str) -> ModelStatus:
         """``model`` as TorchServe serves it; NotFoundError for an unknown model or version."""
+        status = self._models.get(model)
+        if status is not None and (not version or version in status.versions):
+            return status  # the common case, without a second coroutine
         status = await self._known(model)
         if version and version not in status.versions:
             raise NotFoundError(

@@ -6,8 +6,7 @@ microseconds and can back off or go elsewhere, and the calls already admitted ke
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from cnnserve.errors import OverloadedError
 
@@ -22,9 +21,8 @@ class ConcurrencyLimit:
         self.in_flight = 0
         self._on_change = on_change
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold a slot for the ``with`` block; :class:`OverloadedError` when none is free.
+    def enter(self) -> None:
+        """Take a slot (give it back with :meth:`leave`); :class:`OverloadedError` when none is free.
 
         Used from one event loop: nothing awaits between the check and the increment.
         """
@@ -33,9 +31,8 @@ class ConcurrencyLimit:
         self.in_flight += 1
         if self._on_change is not None:
             self._on_change(self.in_flight)
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self._on_change is not None:
-                self._on_change(self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self._on_change is not None:
+            self._on_change(self.in_flight)
