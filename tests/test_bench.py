@@ -12,12 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cnnserve.bench.loadgen import LoadSpec
+from cnnserve.bench.loadgen import LoadSpec, proc_cpu_seconds
 from cnnserve.bench.report import PLOTS, evaluate_targets, render, write_results
 from cnnserve.bench.results import CDF_POINTS, SCENARIOS, Row, load_row, percentile, quantiles, timed_row
 from cnnserve_export.export import ExportResult
@@ -74,6 +76,25 @@ def test_timed_row_throughput_is_at_the_median_call() -> None:
 def test_load_spec_survives_the_pipe_to_the_load_generator() -> None:
     spec = LoadSpec("grpc-echo", "127.0.0.1:1", "lenet", (b"\x89PNG\x00\xff", b"x"), 8, 1.0, 0.5, 3)
     assert LoadSpec.from_json(spec.to_json()) == spec
+    metered = replace(spec, cpu_pids={"gateway": (11, 12), "echo": (13,)})
+    assert LoadSpec.from_json(metered.to_json()) == metered
+
+
+def test_cpu_seconds_come_from_proc_stat(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    # comm may hold spaces and ")": the fields are counted after the last ")".
+    (tmp_path / "42").mkdir()
+    fields = ["S", "1", "42", "42", "0", "-1", "0", "5", "0", "0", "0", str(3 * ticks), str(ticks), "0"]
+    (tmp_path / "42" / "stat").write_text(f"42 (a) b (c) {' '.join(fields)}\n")
+    assert proc_cpu_seconds(42, proc=tmp_path) == pytest.approx(4.0)
+    assert proc_cpu_seconds(43, proc=tmp_path) is None  # gone
+
+    before = proc_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn CPU until the kernel has counted 0.2 s of it
+        pass
+    after = proc_cpu_seconds(os.getpid())
+    assert before is not None and after is not None and after - before >= 0.1
 
 
 # ---- target ratios ----------------------------------------------------------------------------------
@@ -156,6 +177,26 @@ def test_saturation_is_judged_against_the_recorded_core_count() -> None:
                      "call of <= 8.00 ms (now 10.00)"]  # fmt: skip
     why, close = explained(None)
     assert not any("saturated" in line or "200 %" in line for line in why) and close == []
+
+
+def test_gateway_cpu_per_call_is_judged_against_the_echo_servers_at_each_concurrency() -> None:
+    def gateway(concurrency: int, ms: float) -> Row:
+        extra = {"cpu_ms_per_call": {"gateway": ms, "torchserve": 0.5}, "client_cpu_ms_per_call": 0.1}
+        return _row(
+            "gateway", 100.0, concurrency=concurrency, backend="torchserve", batching="off", extra=extra
+        )
+
+    def echo(concurrency: int, ms: float) -> Row:
+        return _row("grpc-echo", 100.0, concurrency=concurrency, extra={"cpu_ms_per_call": {"echo": ms}})
+
+    rows = [gateway(1, 0.24), echo(1, 0.2), gateway(64, 0.3), echo(64, 0.1), echo(8, 0.1)]
+    targets = {t.key: t for t in evaluate_targets(rows, cores=2)}
+    met, missed = targets["gateway-cpu-per-call-c1"], targets["gateway-cpu-per-call-c64"]
+    assert met.met is True and met.measured == pytest.approx(1.2) and met.required == "<= 1.30x"
+    assert missed.met is False and missed.measured == pytest.approx(3.0)
+    assert "0.170 CPU ms per call over" in missed.shortfall  # 0.3 - 1.3 x 0.1
+    assert any("TorchServe behind the gateway 0.500 ms" in why for why in missed.why)
+    assert targets["gateway-cpu-per-call-c8"].met is None  # no gateway row at 8 clients
 
 
 def test_latency_and_finetune_targets_use_absolute_margins() -> None:
@@ -308,8 +349,21 @@ def test_smoke_run_writes_results_readme_and_plots(tmp_path: Path, lenet_export:
     assert [r["images_per_call"] for r in gateway if r["inputs"] == "tensor"] == [64]
     assert all(r["extra"]["mean_batch_inputs_per_call"] >= 1 for r in gateway)
     oip = rows("oip-grpc")  # the same loads over the Open Inference Protocol, in the same run
-    assert {(r["concurrency"], r["images_per_call"]) for r in oip} == {(1, 1), (8, 1), (1, 64)}
+    assert {(r["concurrency"], r["images_per_call"]) for r in oip if r["inputs"] == "png"} == {
+        (1, 1),
+        (8, 1),
+        (1, 64),
+    }
+    # FP32 tensors: the points a full run also sends to the KServe peer, which smoke runs skip with a reason.
+    tensors = {(r["concurrency"], r["images_per_call"]) for r in oip if r["inputs"] == "tensor"}
+    assert tensors == {(1, 1), (8, 1), (1, 64), (8, 64)}
     assert all(r["backend"] == "inprocess" and r["errors"] == 0 for r in oip)
+    assert not rows("kserve-oip") and "smoke runs" in data["skipped"]["kserve-oip"]
+    # CPU per call from /proc over the timed repetitions: every load row has it for every server tree.
+    for row in echo + gateway + oip:
+        assert set(row["extra"]["cpu_ms_per_call"]) == {"echo"}, row["extra"]
+        assert row["extra"]["client_cpu_ms_per_call"] > 0
+    assert all(r["extra"]["cpu_ms_per_call"]["echo"] > 0 for r in echo)
     assert rows("finetune-inprocess") and rows("finetune-sgd-step") and rows("finetune-gateway")
 
     # Smoke runs have no TorchServe: no target may claim a verdict from the in-process-backend gateway.

@@ -3,8 +3,10 @@
 1. model artifacts (built once into the work directory, then reused);
 2. in-process baselines, while nothing else of ours runs;
 3. the servers: the echo server, TorchServe and the gateway (full run) or a gateway on the in-process
-   backend (smoke run); the load points, with the systems being compared run next to each other in time
-   (one concurrency level, every system; then the next) so that drift in the machine's load hits them alike;
+   backend (smoke run), and the KServe peer (full run; its venv built once); the load points, with the
+   systems being compared run next to each other in time (one concurrency level, every system; then the
+   next) so that drift in the machine's load hits them alike. Each ``kserve-oip`` point runs right beside its
+   ``oip-grpc`` twin (same tensors, same serialized requests), which of the two goes first alternating;
 4. fine-tune steps through the gateway (last: every step makes a new revision the workers then serve);
 5. cold starts of ``cnnserve serve --detach``, after everything else has stopped;
 6. ``results.json``, ``README.md`` and the plots in the output directory.
@@ -26,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnserve.bench.kserve_peer import KIND as KSERVE
 from cnnserve.bench.loadgen import LoadGenerator, LoadSpec
 from cnnserve.bench.report import (
     TargetResult,
@@ -38,7 +41,7 @@ from cnnserve.bench.report import (
 from cnnserve.bench.results import Row
 from cnnserve.bench.scenarios import Images
 from cnnserve.bench.settings import BenchSettings
-from cnnserve.errors import FailedPreconditionError
+from cnnserve.errors import CnnserveError, FailedPreconditionError
 
 if TYPE_CHECKING:
     from cnnserve.deployment import GatewayClient
@@ -48,7 +51,19 @@ __all__ = ["Report", "run", "describe_machine"]
 Log = Callable[[str], None]
 # Inputs per call for the batched gateway points: the ort-inprocess batch each is compared with.
 BATCHED = {"lenet": 64, "alexnet": 32}
+# AlexNet's OIP tensor points stop at this many clients and batch at 1 client only: it takes ~25 ms an image
+# on 2 cores, and `make bench` must stay under 20 minutes.
+ALEXNET_TWIN_CLIENTS = 8
+
 INPROCESS_BATCHES = {"lenet": (1, 64), "alexnet": (1, 32)}
+
+
+def oip_twin_points(model: str, concurrency: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(clients, images per call) of the OIP tensor points run on the gateway and on the KServe peer."""
+    if model == "alexnet":
+        single = [c for c in concurrency if c <= ALEXNET_TWIN_CLIENTS]
+        return [(c, 1) for c in single] + [(1, BATCHED[model])]
+    return [(c, 1) for c in concurrency] + [(1, BATCHED[model]), (8, BATCHED[model])]
 
 
 @dataclass
@@ -120,6 +135,7 @@ class _Servers:
 
     def __init__(self) -> None:
         self.echo: Any = None
+        self.kserve: Any = None  # the KServe peer (full runs, when its venv could be built)
         self.stack: Any = None  # ServerStack (full run)
         self.inprocess: Any = None  # a GatewayThread on the in-process backend (smoke run)
 
@@ -143,10 +159,12 @@ class _Servers:
         pids = dict(self.stack.pids()) if self.stack else {}
         if self.echo is not None:
             pids["echo"] = self.echo.pid
+        if self.kserve is not None:
+            pids["kserve"] = self.kserve.pid
         return pids
 
     def stop(self) -> None:
-        for item in (self.stack, self.inprocess, self.echo):
+        for item in (self.kserve, self.stack, self.inprocess, self.echo):
             if item is not None:
                 item.stop()
 
@@ -174,6 +192,7 @@ def _load_points(
 
     def spec(kind: str, target: str, model: str, concurrency: int, per_call: int = 1) -> LoadSpec:
         to_gateway = kind in ("gateway", "oip-grpc")
+        to_torchserve = kind.startswith("torchserve")
         return LoadSpec(
             kind=kind,
             target=target,
@@ -184,7 +203,7 @@ def _load_points(
             warmup_s=budget.warmup_s,
             reps=budget.reps,
             images_per_call=per_call,
-            token=(gateway_client["token"] or "") if to_gateway else key,
+            token=(gateway_client["token"] or "") if to_gateway else (key if to_torchserve else ""),
             tls_ca=(gateway_client["tls_ca"] or "") if to_gateway else "",
         )
 
@@ -247,6 +266,118 @@ def _load_points(
             yield load_point(
                 loadgen, load, "oip-grpc", meter, None, backend=backend, batching=gateway["batching"]
             )
+        # Preprocessed FP32 tensors as one OIP input, the same serialized ModelInfer requests to the gateway
+        # and to KServe: the same client cost for both.
+        behind = {"backend": backend, "batching": "off" if stack else None}  # as the gateway rows above
+        twins = [("oip-grpc", servers.gateway_target, behind)]
+        if servers.kserve is not None:
+            twins.append(("kserve-oip", servers.kserve.target, {}))
+        twins = [twin for twin in twins if settings.wants(twin[0])]
+        if twins:
+            shape, tensors = model_tensors(exports[model], images, 8)
+        for index, (concurrency, per_call) in enumerate(
+            oip_twin_points(model, settings.concurrency) if twins else ()
+        ):
+            for name, target, fields in twins[:: -1 if index % 2 else 1]:  # who goes first alternates
+                log(f"{name}: {model}, {per_call} tensor(s) per call, {concurrency} client(s)")
+                load = replace(
+                    spec(name, target, model, concurrency, per_call), images=tensors, tensor_shape=shape
+                )
+                yield load_point(loadgen, load, name, meter, None, inputs="tensor", **fields)
+
+
+# The points the gateway-processes rows repeat with a gateway of this many processes (LeNet: the gateway's
+# CPU is the limit there, not the model's): (clients, images per call).
+SECOND_GATEWAY_PROCESSES = 2
+PROCESSES_POINTS = ((64, 1), (8, 64))
+
+
+def _processes_points(
+    settings: BenchSettings,
+    stack: Any,
+    loadgen: LoadGenerator,
+    images: Images,
+    log: Log,
+    skipped: dict[str, str],
+) -> Iterator[Row]:
+    """LeNet through a second gateway of SECOND_GATEWAY_PROCESSES processes in front of the same TorchServe,
+    at the points of the first (one-process) gateway's rows it is compared with."""
+    from cnnserve.bench.scenarios import load_point
+    from cnnserve.bench.servers import CpuMeter
+
+    processes = SECOND_GATEWAY_PROCESSES
+    gateway = stack.second_gateway(processes)
+    log(f"gateway-processes: starting a second gateway with --processes {processes} ...")
+    gateway.start()
+    try:
+        try:
+            gateway.wait_serving(timeout=120.0)
+        except CnnserveError as exc:
+            skipped["gateway-processes"] = f"the {processes}-process gateway did not start: {exc.message}"
+            log(f"gateway-processes skipped: {skipped['gateway-processes']}")
+            return
+        listening = gateway.listening() or {}
+        meter = CpuMeter(
+            {"gateway": gateway.process.pid, **{k: v for k, v in stack.pids().items() if k != "gateway"}}
+        )
+        client = gateway.client
+        for concurrency, per_call in PROCESSES_POINTS:
+            log(
+                f"gateway-processes: lenet, {processes} processes, {per_call} image(s) per call, "
+                f"{concurrency} client(s)"
+            )
+            load = LoadSpec(
+                kind="gateway",
+                target=gateway.target,
+                model="lenet",
+                images=images.png,
+                concurrency=concurrency,
+                duration_s=settings.budget.duration_s,
+                warmup_s=settings.budget.warmup_s,
+                reps=settings.budget.reps,
+                images_per_call=per_call,
+                token=client["token"] or "",
+                tls_ca=client["tls_ca"] or "",
+            )
+            row = load_point(
+                loadgen, load, "gateway-processes", meter, None, backend="torchserve", batching="off"
+            )
+            row.extra["processes"] = processes
+            row.extra["pids"] = listening.get("pids", [])
+            yield row
+    finally:
+        gateway.stop()
+
+
+def _worker_threads(export: Path) -> int:
+    """Intra-op threads one of our TorchServe workers of this export gets: its archive defaults and the
+    worker's rule (``serving/threads.py``), so the KServe peer's session gets the same."""
+    from cnnserve.card import load_card
+    from cnnserve.serving.threads import available_cores, default_threads
+    from cnnserve_export.config import default_settings
+
+    archive = default_settings(load_card(export).architecture)
+    if archive.threads:
+        return archive.threads
+    return default_threads(available_cores(), archive.max_workers, archive.max_threads)
+
+
+def _start_kserve(work_dir: Path, exports: dict[str, Path], state_dir: Path, log: Log) -> tuple[Any, str]:
+    """(the running KServe peer, "") or (None, why it could not run): a peer that cannot be built or started
+    is recorded as skipped, never a failed run."""
+    from cnnserve.bench.kserve_peer import KServePeer, PeerUnavailableError, ensure_venv
+
+    threads = {model: _worker_threads(export) for model, export in exports.items()}
+    try:
+        python = ensure_venv(work_dir, log)
+        log(f"starting the KServe peer ({', '.join(f'{m}: {n} thread(s)' for m, n in threads.items())}) ...")
+        return KServePeer(python, exports, threads, state_dir / "kserve" / "kserve.log"), ""
+    except PeerUnavailableError as unavailable:
+        reason = unavailable.reason
+    except OSError as error:  # the venv's python could not be run at all
+        reason = f"could not start the KServe ModelServer: {error}"
+    log(f"kserve-oip skipped: {reason}")
+    return None, reason
 
 
 def run(
@@ -276,9 +407,12 @@ def run(
 
     servers = _Servers()
     state_dir = work_dir / ("smoke-state" if settings.smoke else "state")
+    skipped: dict[str, str] = {}  # scenario -> why it has no rows in this run
     server_names = {
         "gateway",
+        "gateway-processes",
         "oip-grpc",
+        "kserve-oip",
         "torchserve-grpc",
         "torchserve-http",
         "grpc-echo",
@@ -295,7 +429,15 @@ def run(
                 else:
                     state_dir.mkdir(parents=True, exist_ok=True)
                     servers.inprocess = inprocess_gateway(exports, state_dir / "revisions")
+                if settings.wants(KSERVE) and artifacts is None:
+                    skipped[KSERVE] = "smoke runs do not build or start the KServe peer (full runs do)"
+                elif settings.wants(KSERVE):
+                    servers.kserve, why = _start_kserve(work_dir, exports, state_dir, log)
+                    if why:
+                        skipped[KSERVE] = why
                 rows += _load_points(settings, servers, loadgen, exports, images, log)
+                if settings.wants("gateway-processes") and servers.stack is not None and "lenet" in exports:
+                    rows += _processes_points(settings, servers.stack, loadgen, images, log, skipped)
                 if settings.wants("finetune-gateway") and "lenet" in exports:
                     log("finetune-gateway: LeNet, 64 images")
                     row = scenarios.finetune_gateway(
@@ -314,7 +456,7 @@ def run(
             )
         )
 
-    targets = evaluate_targets(rows, cores=machine["cores"])
+    targets = evaluate_targets(rows, cores=machine["cores"], skipped=skipped)
     duration = time.monotonic() - started
     settings.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -330,6 +472,8 @@ def run(
             "cold_start_reps": settings.cold_start_reps,
         },
         "setup": describe_setup(),
+        "skipped": skipped,
+        "peers": {KSERVE: servers.kserve.describe()} if servers.kserve is not None else {},
         "duration_s": round(duration, 1),
     }
     plots = write_plots(settings.out, rows)

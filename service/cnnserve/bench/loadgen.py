@@ -15,7 +15,13 @@ Kinds of target (what each call is):
 - ``torchserve-grpc``: TorchServe's ``Predictions`` with ``input={"body": <png>}``, as a user would send it;
 - ``torchserve-http``: ``POST /predictions/<model>`` with the PNG as ``application/octet-stream``;
 - ``grpc-echo``: the echo server, sent the bytes of the ``gateway`` request and answered with them;
-- ``oip-grpc``: the gateway's ``inference.GRPCInferenceService/ModelInfer`` (:mod:`cnnserve.bench.oip`).
+- ``oip-grpc``: the gateway's ``inference.GRPCInferenceService/ModelInfer`` (:mod:`cnnserve.bench.oip`);
+- ``kserve-oip``: the same ModelInfer client and the same serialized requests, sent to the KServe peer
+  (:mod:`cnnserve.bench.kserve_peer`), so that both servers get byte-identical calls at the same client cost.
+
+Server CPU per call: the spec names the server processes (``cpu_pids``, per process tree); each repetition
+reads their CPU time (user + system, all threads) from ``/proc/<pid>/stat`` when it starts and when its last
+call returned, so the figure covers the timed calls only, never the warm-up.
 
 This module imports grpc and the generated stubs only: no torch.
 """
@@ -26,6 +32,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,9 +53,10 @@ __all__ = [
     "LoadGenerator",
     "run_point",
     "pooled_latencies",
+    "proc_cpu_seconds",
 ]
 
-KINDS = ("gateway", "torchserve-grpc", "torchserve-http", "grpc-echo", "oip-grpc")
+KINDS = ("gateway", "torchserve-grpc", "torchserve-http", "grpc-echo", "oip-grpc", "kserve-oip")
 ECHO_METHOD = "/cnnserve.bench.Echo/Echo"
 _MAX_MESSAGE = 64 * 2**20
 
@@ -69,6 +77,8 @@ class LoadSpec:
     tls_ca: str = ""  # gRPC kinds: PEM CA bundle to trust; set: TLS
     channels: int = 4  # gRPC connections the callers share (HTTP: one connection per caller)
     timeout_s: float = 120.0
+    # Server process trees whose CPU each repetition reads from /proc: {tree name: its pids}.
+    cpu_pids: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -80,6 +90,7 @@ class LoadSpec:
         data = json.loads(text)
         data["images"] = tuple(base64.b64decode(image) for image in data["images"])
         data["tensor_shape"] = tuple(data["tensor_shape"])
+        data["cpu_pids"] = {name: tuple(pids) for name, pids in data.get("cpu_pids", {}).items()}
         return cls(**data)
 
 
@@ -95,6 +106,7 @@ class RepResult:
     backend_ms: float = 0.0
     batch_inputs: int = 0
     first_error: str = ""
+    server_cpu_s: dict[str, float] = field(default_factory=dict)  # per tree of ``cpu_pids``, timed calls only
 
     @property
     def throughput_img_s(self) -> float:
@@ -327,11 +339,42 @@ def _client(spec: LoadSpec) -> _Client:
         return _TorchServeGrpcClient(spec)
     if spec.kind == "torchserve-http":
         return _TorchServeHttpClient(spec)
-    if spec.kind == "oip-grpc":
+    if spec.kind in ("oip-grpc", "kserve-oip"):
         from cnnserve.bench.oip import OipGrpcClient
 
         return OipGrpcClient(spec)
     raise ValueError(f"unknown load kind {spec.kind!r} (known: {', '.join(KINDS)})")
+
+
+# ---- server CPU from /proc ----------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, every thread included (None: gone).
+
+    ``/proc/<pid>/stat`` is ``pid (comm) state ppid ...``; comm may hold spaces and ")", so the fields are
+    counted after the last ")": utime and stime are the 12th and 13th there, in clock ticks.
+    """
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _tree_seconds(cpu_pids: dict[str, tuple[int, ...]]) -> dict[str, dict[int, float]]:
+    read = {name: {pid: proc_cpu_seconds(pid) for pid in pids} for name, pids in cpu_pids.items()}
+    return {name: {pid: s for pid, s in found.items() if s is not None} for name, found in read.items()}
+
+
+def _cpu_used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds each tree used between two reads (a process that came or went counts for neither)."""
+    return {
+        name: round(sum(after[name][pid] - seconds for pid, seconds in pids.items() if pid in after[name]), 4)
+        for name, pids in before.items()
+    }
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -341,6 +384,7 @@ async def _repetition(client: _Client, spec: LoadSpec, duration_s: float) -> Rep
     latencies: list[float] = []
     totals = {"server_ms": 0.0, "backend_ms": 0.0, "batch_inputs": 0.0}
     errors: list[str] = []
+    servers_started = _tree_seconds(spec.cpu_pids)
     cpu_started = time.process_time()
     started = time.perf_counter()
     deadline = started + duration_s
@@ -362,6 +406,7 @@ async def _repetition(client: _Client, spec: LoadSpec, duration_s: float) -> Rep
             index += spec.concurrency
 
     await asyncio.gather(*(caller(number) for number in range(spec.concurrency)))
+    servers_used = _cpu_used(servers_started, _tree_seconds(spec.cpu_pids))
     return RepResult(
         calls=len(latencies),
         images=len(latencies) * spec.images_per_call,
@@ -373,6 +418,7 @@ async def _repetition(client: _Client, spec: LoadSpec, duration_s: float) -> Rep
         backend_ms=totals["backend_ms"],
         batch_inputs=int(totals["batch_inputs"]),
         first_error=errors[0] if errors else "",
+        server_cpu_s=servers_used,
     )
 
 

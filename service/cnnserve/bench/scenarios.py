@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,7 @@ def load_point(
     **fields: Any,
 ) -> Row:
     """One load point through the load generator, with the CPU every process used meanwhile."""
+    spec = replace(spec, cpu_pids=meter.tree_pids())  # read from /proc around each timed repetition
     before = batches.read() if batches else {}
     meter.start()
     result = loadgen.run(spec)
@@ -169,6 +170,13 @@ def load_point(
         }
         if batches is not None and spec.images_per_call == 1:  # larger calls skip the micro-batcher
             extra["mean_micro_batch"] = batches.mean(before, after, spec.model)  # warm-up included
+    if calls:
+        # CPU milliseconds per answered call, timed repetitions only: per server tree, and the client's.
+        extra["cpu_ms_per_call"] = {
+            tree: round(1000.0 * sum(rep.server_cpu_s.get(tree, 0.0) for rep in reps) / calls, 4)
+            for tree in spec.cpu_pids
+        }
+        extra["client_cpu_ms_per_call"] = round(1000.0 * sum(rep.cpu_s for rep in reps) / calls, 4)
     errors = [rep.first_error for rep in reps if rep.first_error]
     if errors:
         extra["first_error"] = errors[0]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cnnserve.deployment import Deployment, GatewayClient
+    from cnnserve.deployment import Deployment, GatewayClient, GatewayProcess
     from cnnserve.gateway.server import GatewayThread
     from cnnserve.gateway.settings import GatewaySettings
 
@@ -146,6 +146,10 @@ class CpuMeter:
             self._started[name] = (processes, _cpu_seconds(processes))
         self._wall = time.perf_counter()
 
+    def tree_pids(self) -> dict[str, tuple[int, ...]]:
+        """{tree: the pids in it now}: what the load generator reads from /proc for CPU per call."""
+        return {name: tuple(process.pid for process in _tree(pid)) for name, pid in self.roots.items()}
+
     def stop(self) -> tuple[dict[str, float], float]:
         """({tree: % of one core}, machine-wide % with 100 % per core)."""
         import psutil
@@ -256,6 +260,25 @@ class ServerStack:
 
     def pids(self) -> dict[str, int]:
         return self.deployment.pids()
+
+    def second_gateway(self, processes: int) -> GatewayProcess:
+        """Another ``cnnserve gateway`` in front of the same TorchServe, with ``--processes`` (free ports, its
+        own state directory), not started: the ``gateway-processes`` rows compare it with the first."""
+        from cnnserve.deployment import GatewayProcess
+        from cnnserve.processes import free_ports
+
+        first = self.deployment.gateway
+        assert first is not None
+        listen, metrics, http = free_ports(3)
+        settings = replace(
+            first.settings,
+            listen=f"127.0.0.1:{listen}",
+            metrics_listen=f"127.0.0.1:{metrics}",
+            http_listen=f"127.0.0.1:{http}",
+            processes=processes,
+        )
+        tls_ca = self.gateway_client["tls_ca"]
+        return GatewayProcess(self.deployment.state_dir / f"gateway-{processes}-processes", settings, tls_ca)
 
     def stop(self) -> None:
         self.deployment.stop()

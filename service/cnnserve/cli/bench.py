@@ -38,14 +38,18 @@ def _int_list(text: str) -> tuple[int, ...]:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark cnnserve against TorchServe, ONNX Runtime and a bare gRPC echo, with plots",
+        help="benchmark cnnserve against TorchServe, KServe, ONNX Runtime and a bare gRPC echo, with plots",
         description="Runs, in one invocation: the exported models in-process (ONNX Runtime, TorchScript), "
         "TorchServe called directly over gRPC and HTTP (batching on and off), the gateway (1 image per call "
-        "at each concurrency, and batched calls), a bare grpc.aio echo server, fine-tune steps in-process "
-        "and through the gateway, and cold starts of `cnnserve serve --detach`. Writes results.json, "
-        "README.md (target ratios) and PNG plots into --out. Builds the models into --work-dir on first use "
-        "(minutes). The full run takes 10-25 minutes; --smoke takes seconds (no TorchServe) and needs an "
-        "export under WORK_DIR/build/lenet/export.",
+        "at each concurrency, and batched calls), the gateway's OIP gRPC service next to a KServe "
+        "ModelServer serving the same ONNX files (the same serialized ModelInfer requests to both), a bare "
+        "grpc.aio echo server, fine-tune steps in-process and through the gateway, and cold starts of "
+        "`cnnserve serve --detach`; every load point records each server's CPU ms per call. Writes "
+        "results.json, README.md (target ratios) and PNG plots into --out. Builds the models into --work-dir "
+        "on first use (minutes), and KServe's own venv into WORK_DIR/venv-kserve (pip, about a minute, once; "
+        "where it cannot be built the kserve-oip rows are skipped with the reason). The full run takes "
+        "15-20 minutes; --smoke takes seconds (no TorchServe, no KServe) and needs an export under "
+        "WORK_DIR/build/lenet/export.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(

@@ -74,7 +74,7 @@ def render(results: Path, out: Path | None = None) -> list[Path]:
         raise FailedPreconditionError(f"no {results}: run `cnnserve bench --out {results.parent}` first")
     out = out or results.parent
     rows, meta = load_results(results)
-    targets = evaluate_targets(rows, cores=meta["machine"].get("cores"))
+    targets = evaluate_targets(rows, cores=meta["machine"].get("cores"), skipped=meta.get("skipped"))
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out, rows)
     return [write_readme(out, rows, targets, meta, plots), *(out / name for name in plots)]

@@ -12,20 +12,24 @@ from cnnserve.bench.results import Row
 
 __all__ = ["write_plots"]
 
-# Each line drawn: (scenario, TorchServe batching of the registration called, legend).
-_SYSTEMS: list[tuple[str, str | None, str]] = [
-    ("gateway", "off", "gateway, TorchServe batching off (its default archives)"),
-    ("gateway", "on", "gateway, TorchServe batching on"),
-    ("gateway", None, "gateway (in-process backend)"),
-    ("torchserve-grpc", "on", "TorchServe gRPC, batching on"),
-    ("torchserve-grpc", "off", "TorchServe gRPC, batching off"),
-    ("torchserve-http", "on", "TorchServe HTTP, batching on"),
-    ("torchserve-http", "off", "TorchServe HTTP, batching off"),
-    ("grpc-echo", None, "gRPC echo (transport floor)"),
+# Each line drawn: (scenario, TorchServe batching of the registration called, what a call carries, legend).
+_SYSTEMS: list[tuple[str, str | None, str, str]] = [
+    ("gateway", "off", "png", "gateway, TorchServe batching off (its default archives)"),
+    ("gateway", "on", "png", "gateway, TorchServe batching on"),
+    ("gateway", None, "png", "gateway (in-process backend)"),
+    ("torchserve-grpc", "on", "png", "TorchServe gRPC, batching on"),
+    ("torchserve-grpc", "off", "png", "TorchServe gRPC, batching off"),
+    ("torchserve-http", "on", "png", "TorchServe HTTP, batching on"),
+    ("torchserve-http", "off", "png", "TorchServe HTTP, batching off"),
+    ("oip-grpc", "off", "tensor", "gateway OIP gRPC, FP32 tensors"),
+    ("kserve-oip", None, "tensor", "KServe OIP gRPC, FP32 tensors (same requests)"),
+    ("grpc-echo", None, "png", "gRPC echo (transport floor)"),
 ]
 
 
-def _single_image_rows(rows: Sequence[Row], name: str, batching: str | None, model: str) -> list[Row]:
+def _single_image_rows(
+    rows: Sequence[Row], name: str, batching: str | None, model: str, inputs: str = "png"
+) -> list[Row]:
     return sorted(
         (
             r
@@ -34,6 +38,7 @@ def _single_image_rows(rows: Sequence[Row], name: str, batching: str | None, mod
             and r.model == model
             and r.images_per_call == 1
             and r.batching == batching
+            and r.inputs == inputs
             and r.throughput_img_s is not None
         ),
         key=lambda r: r.concurrency,
@@ -59,8 +64,8 @@ def write_plots(out: Path, rows: Sequence[Row]) -> list[str]:
 
     figure, axes = plt.subplots(1, max(1, len(models)), figsize=(6 * max(1, len(models)), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models, strict=False):
-        for name, batching, label in _SYSTEMS:
-            points = _single_image_rows(rows, name, batching, model)
+        for name, batching, inputs, label in _SYSTEMS:
+            points = _single_image_rows(rows, name, batching, model, inputs)
             if points:
                 axis.plot(
                     [r.concurrency for r in points],
@@ -86,11 +91,11 @@ def write_plots(out: Path, rows: Sequence[Row]) -> list[str]:
     )
     for axes_row, model in zip(axes, models, strict=False):
         for axis, concurrency in zip(axes_row, columns, strict=True):
-            for name, batching, label in _SYSTEMS:
+            for name, batching, inputs, label in _SYSTEMS:
                 row = next(
                     (
                         r
-                        for r in _single_image_rows(rows, name, batching, model)
+                        for r in _single_image_rows(rows, name, batching, model, inputs)
                         if r.concurrency == concurrency
                     ),
                     None,
@@ -130,7 +135,14 @@ def write_plots(out: Path, rows: Sequence[Row]) -> list[str]:
             if r.model == model
             and r.throughput_img_s
             and r.name
-            in ("ort-inprocess", "torchscript-inprocess", "service-inprocess", "gateway", "oip-grpc")
+            in (
+                "ort-inprocess",
+                "torchscript-inprocess",
+                "service-inprocess",
+                "gateway",
+                "oip-grpc",
+                "kserve-oip",
+            )
             and (r.images_per_call > 1 or r.concurrency == max(levels or [1]))
         ]
         drawn = axis.barh([label for label, _ in bars], [value for _, value in bars])

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnserve.bench.report.targets import TargetResult, title
+from cnnserve.bench.report.targets import TargetResult, cpu_ms_per_call, find, title
 from cnnserve.bench.results import SCENARIOS, Row
 
 __all__ = ["write_readme", "readme_text"]
@@ -39,7 +39,8 @@ def _measured(target: TargetResult) -> str:
 
 def variant(row: Row) -> str:
     label = f"batching {row.batching}" if row.batching else (row.backend or str(row.extra.get("path", "")))
-    return label + (", tensors" if row.inputs == "tensor" else "")
+    processes = f"{row.extra['processes']} processes" if "processes" in row.extra else ""
+    return ", ".join(part for part in (label, processes, "tensors" if row.inputs == "tensor" else "") if part)
 
 
 def _per_model(values: dict[str, str]) -> str:
@@ -96,6 +97,93 @@ def _targets(targets: Sequence[TargetResult]) -> list[str]:
     return lines
 
 
+def _skipped(skipped: dict[str, str]) -> list[str]:
+    if not skipped:
+        return []
+    lines = ["", "### Not run", ""]
+    return lines + [f"- `{name}`: {why}." for name, why in sorted(skipped.items())]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return f"{ours / theirs:.2f}x" if ours and theirs else "-"
+
+
+def _cpu_per_call(rows: Sequence[Row]) -> list[str]:
+    """CPU ms per call by process tree: gateway against the echo server, and the OIP twins."""
+    echo_levels = sorted({r.concurrency for r in rows if r.name == "grpc-echo" and r.model == "lenet"})
+    twins = sorted(
+        {
+            (r.model, r.images_per_call, r.concurrency)
+            for r in rows
+            if r.name == "oip-grpc" and r.inputs == "tensor"
+        },
+        key=lambda key: (key[0] != "lenet", key[1], key[2]),
+    )
+    lines: list[str] = []
+    gateway_rows = []
+    for level in echo_levels:
+        ours = find(rows, "gateway", "lenet", concurrency=level, images_per_call=1, batching="off")
+        echo = find(rows, "grpc-echo", "lenet", concurrency=level)
+        if ours is None or echo is None:
+            continue
+        gateway, behind = cpu_ms_per_call(ours, "gateway"), cpu_ms_per_call(ours, "torchserve")
+        bare = cpu_ms_per_call(echo, "echo")
+        gateway_rows.append(
+            f"| {level} | {_ms(gateway)} | {_ms(behind)} | {_ms(bare)} | {_ratio(gateway, bare)} | "
+            f"{_ms(ours.extra.get('client_cpu_ms_per_call'))} | "
+            f"{_ms(echo.extra.get('client_cpu_ms_per_call'))} |"
+        )
+    if gateway_rows:
+        lines += [
+            "LeNet `Classify`, one PNG per call, against `grpc-echo` sent the same request bytes:",
+            "",
+            "| clients | gateway | TorchServe behind it | echo server | gateway / echo | load generator "
+            "(gateway) | load generator (echo) |",
+            "|--:|--:|--:|--:|--:|--:|--:|",
+            *gateway_rows,
+            "",
+        ]
+    twin_rows = []
+    for model, per_call, level in twins:
+        ours = find(rows, "oip-grpc", model, concurrency=level, images_per_call=per_call, inputs="tensor")
+        theirs = find(rows, "kserve-oip", model, concurrency=level, images_per_call=per_call, inputs="tensor")
+        if ours is None:
+            continue
+        gateway, behind = cpu_ms_per_call(ours, "gateway"), cpu_ms_per_call(ours, "torchserve")
+        path = (gateway or 0.0) + (behind or 0.0) if gateway is not None or behind is not None else None
+        peer = cpu_ms_per_call(theirs, "kserve")
+        twin_rows.append(
+            f"| {title(model)} | {per_call} | {level} | {_ms(gateway)} | {_ms(behind)} | {_ms(path)} | "
+            f"{_ms(peer)} | {_ratio(path, peer)} | {_fmt(ours.throughput_img_s)} | "
+            f"{_fmt(theirs.throughput_img_s if theirs else None)} |"
+        )
+    if twin_rows:
+        lines += [
+            "FP32 tensors over OIP gRPC ModelInfer, the same serialized requests to the gateway "
+            "(`oip-grpc`) and to KServe (`kserve-oip`):",
+            "",
+            "| model | img/call | clients | gateway | TorchServe | gateway + TorchServe | KServe "
+            "| ours / KServe | img/s ours | img/s KServe |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            *twin_rows,
+            "",
+        ]
+    if not lines:
+        return []
+    return [
+        "## CPU per call",
+        "",
+        "CPU milliseconds (user + system, every thread) each process tree used per answered call, read from "
+        "`/proc/<pid>/stat` by the load generator around each timed repetition (warm-up excluded).",
+        "",
+        *lines,
+    ]
+
+
 def _results_table(rows: Sequence[Row]) -> list[str]:
     lines = [
         "| scenario | model | variant | clients | img/call | calls | img/s (median) | min-max | p50 ms "
@@ -127,7 +215,9 @@ def _batched_calls(rows: Sequence[Row]) -> dict[str, str]:
     return {model: "/".join(str(n) for n in sorted(found)) for model, found in sizes.items()}
 
 
-def _how_measured(rows: Sequence[Row], setup: dict[str, Any], recorded: bool) -> list[str]:
+def _how_measured(
+    rows: Sequence[Row], setup: dict[str, Any], recorded: bool, peers: dict[str, Any]
+) -> list[str]:
     threads = sorted(
         {r.extra["threads"] for r in rows if r.name.endswith("-inprocess") and "threads" in r.extra}
     )
@@ -183,7 +273,24 @@ def _how_measured(rows: Sequence[Row], setup: dict[str, Any], recorded: bool) ->
         lines.append(
             "- `oip-grpc`: the same gateway's Open Inference Protocol endpoint "
             "(`inference.GRPCInferenceService/ModelInfer`), "
-            f"{'/'.join(str(n) for n in oip)} PNGs per call as one BYTES input."
+            f"{'/'.join(str(n) for n in oip)} PNGs per call as one BYTES input; *tensors*: preprocessed "
+            "float32 `[N, C, H, W]` as one FP32 input in `raw_input_contents`, the requests serialized once."
+        )
+    peer = peers.get("kserve-oip")
+    if any(r.name == "kserve-oip" for r in rows):
+        how = (
+            f"KServe {peer.get('kserve', '?')}, onnxruntime {peer.get('onnxruntime', '?')}, intra-op threads "
+            f"{_per_model({m: str(n) for m, n in peer.get('intra_op_threads', {}).items()})}"
+            if peer
+            else "KServe"
+        )
+        lines.append(
+            f"- `kserve-oip`: a `kserve.ModelServer` ({how}; one inter-op thread, EXTENDED graph "
+            "optimizations: our workers' session options) in a venv of its own, serving the same "
+            "`model.onnx` files with ONNX Runtime in-process (`predict` on its event loop, softmax "
+            "probabilities out), its per-call log lines off as TorchServe's DEBUG logging is here. Sent the "
+            "very bytes of the `oip-grpc` *tensors* requests by the same client; each point ran beside its "
+            "`oip-grpc` twin, which of the two went first alternating."
         )
     if echo is not None:
         lines.append(
@@ -206,6 +313,9 @@ def _how_measured(rows: Sequence[Row], setup: dict[str, Any], recorded: bool) ->
         "%* is its own CPU (100 % = one core); *server CPU %* is per process tree over the whole point; "
         "*machine CPU %* is every core's together (100 % per core); all compete for the same cores.",
         "- Latency percentiles pool every call of every repetition; throughput is the median repetition's.",
+        "- *CPU per call*: each server process tree's CPU seconds over the timed repetitions (from "
+        "`/proc/<pid>/stat`, read by the load generator when a repetition starts and when its last call "
+        "returned) divided by the calls answered.",
         "",
     ]
     return lines
@@ -219,11 +329,11 @@ def readme_text(
     setup: dict[str, Any],
     setup_recorded: bool,
 ) -> str:
-    lines = [*_header(meta), *_targets(targets), "", "## Plots", ""]
+    lines = [*_header(meta), *_targets(targets), *_skipped(meta.get("skipped") or {}), "", "## Plots", ""]
     for name in plots:
         lines += [f"![{PLOTS.get(name, name)}]({name})", ""]
-    lines += ["## All results", "", *_results_table(rows), ""]
-    lines += _how_measured(rows, setup, setup_recorded)
+    lines += [*_cpu_per_call(rows), "## All results", "", *_results_table(rows), ""]
+    lines += _how_measured(rows, setup, setup_recorded, meta.get("peers") or {})
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cnnserve.bench.results import Row
 
-__all__ = ["TargetResult", "evaluate_targets", "find", "title"]
+__all__ = ["TargetResult", "evaluate_targets", "find", "title", "cpu_ms_per_call"]
 
 # What each target requires (the one place these are defined).
 GATEWAY_VS_TORCHSERVE = 1.0  # x torchserve-grpc (batching on), 1 image per call, highest concurrency
@@ -21,6 +21,12 @@ BATCHED_CALL = {"lenet": 0.5, "alexnet": 0.8}  # x ort-inprocess at the batch on
 EXTRA_HOP_MS = 1.0  # gateway p50 over torchserve-grpc p50, 1 client, the same registration
 FINETUNE_FACTOR, FINETUNE_SLACK_MS = 2.0, 10.0  # finetune-gateway <= factor x finetune-inprocess + slack
 COLD_START_S = 30.0
+# Our gateway's OIP service (oip-grpc) against the KServe peer (kserve-oip): the same preprocessed FP32
+# tensors as the same serialized ModelInfer requests. (clients, images per call; None: the model's batched
+# call, LeNet 64, AlexNet 32) -> the throughput ratio required.
+VS_KSERVE: dict[tuple[int, int | None], float] = {(64, 1): 1.5, (8, 1): 0.8, (1, None): 0.6, (8, None): 0.6}
+KSERVE_P50_FACTOR = 2.0  # oip-grpc p50 <= this x kserve-oip p50, 1 client, 1 image per call
+GATEWAY_CPU_VS_ECHO = 1.3  # the gateway's CPU ms per call <= this x the echo server's, same concurrency
 # Machine CPU at or above this share of all its cores counts as saturated: throughput is then CPU-bound.
 SATURATED = 0.85
 # CPU (% of one core) used outside the benchmark during a point from which it is worth naming.
@@ -387,16 +393,167 @@ def _cold_start_target(rows: Sequence[Row]) -> TargetResult:
     return result
 
 
-def _batched_call(rows: Sequence[Row], model: str) -> int | None:
-    """Images per call of the run's batched gateway point for ``model`` (PNG inputs), if it had one."""
+def cpu_ms_per_call(row: Row | None, tree: str) -> float | None:
+    """CPU milliseconds ``tree`` spent per call of ``row`` (timed repetitions, from /proc), if recorded."""
+    if row is None:
+        return None
+    value = row.extra.get("cpu_ms_per_call", {}).get(tree)
+    return float(value) if value is not None else None
+
+
+def _cpu_per_call_target(rows: Sequence[Row], concurrency: int, machine: _Machine) -> TargetResult:
+    limit = GATEWAY_CPU_VS_ECHO
+    result = TargetResult(
+        f"gateway-cpu-per-call-c{concurrency}",
+        f"LeNet, 1 image per call, {concurrency} client{'s' * (concurrency != 1)}: gateway CPU per call <= "
+        f"{limit:g}x grpc-echo's",
+        f"<= {limit:.2f}x",
+        None,
+        "x",
+        None,
+    )
+    ours = find(rows, "gateway", "lenet", concurrency=concurrency, images_per_call=1, batching="off")
+    echo = find(rows, "grpc-echo", "lenet", concurrency=concurrency)
+    gateway_ms, echo_ms = cpu_ms_per_call(ours, "gateway"), cpu_ms_per_call(echo, "echo")
+    if ours is None or echo is None or not gateway_ms or not echo_ms:
+        return result
+    ratio = gateway_ms / echo_ms
+    result.measured, result.met = round(ratio, 3), ratio <= limit
+    result.figures = f"{gateway_ms:.3f} vs {echo_ms:.3f} CPU ms per call"
+    if not result.met:
+        over = gateway_ms - limit * echo_ms
+        result.shortfall = f"{ratio:.2f}x instead of <= {limit:.2f}x: {over:.3f} CPU ms per call over"
+        behind = cpu_ms_per_call(ours, "torchserve")
+        batch = ours.extra.get("mean_micro_batch")
+        result.why.append(
+            f"per call the gateway process used {gateway_ms:.3f} CPU ms, the echo server {echo_ms:.3f} ms "
+            "for the same request bytes; the load generator "
+            f"{ours.extra.get('client_cpu_ms_per_call', 0):.3f} vs "
+            f"{echo.extra.get('client_cpu_ms_per_call', 0):.3f} ms"
+            + (f"; TorchServe behind the gateway {behind:.3f} ms" if behind is not None else "")
+            + (f"; {batch:.1f} calls per TorchServe request on average" if batch else "")
+        )
+        others = _others_percent(ours)
+        if others >= BUSY_ELSEWHERE:
+            result.why.append(f"processes outside this benchmark used {machine.share(others)} CPU meanwhile")
+        result.close.append(
+            f"the gateway's own work per call must come to <= {limit * echo_ms:.3f} CPU ms (now "
+            f"{gateway_ms:.3f}): decoding the request, the micro-batch, the TorchServe call and the reply"
+        )
+    return result
+
+
+def _kserve_rows(
+    rows: Sequence[Row], model: str, concurrency: int, per_call: int
+) -> tuple[Row | None, Row | None]:
+    """(oip-grpc, kserve-oip) rows of the same tensor point: the twins compared."""
+
+    def twin(name: str) -> Row | None:
+        return find(rows, name, model, concurrency=concurrency, images_per_call=per_call, inputs="tensor")
+
+    return twin("oip-grpc"), twin("kserve-oip")
+
+
+def _peer_cpu(row: Row, peer: bool) -> str:
+    """``row``'s CPU ms per call by tree, for the explanation of a miss."""
+    costs = row.extra.get("cpu_ms_per_call", {})
+    trees = ("kserve",) if peer else ("gateway", "torchserve")
+    parts = [f"{tree} {costs[tree]:.3f}" for tree in trees if tree in costs]
+    return ", ".join(parts) or "not recorded"
+
+
+def _explain_vs_kserve(machine: _Machine) -> Explain:
+    def explain(ours: Row, theirs: Row, result: TargetResult, required: float) -> None:
+        for label, row, peer in (("gateway (oip-grpc)", ours, False), ("KServe (kserve-oip)", theirs, True)):
+            result.why.append(
+                f"{label}: {row.throughput_img_s:.0f} img/s, mean call {row.mean_ms:.2f} ms, CPU ms per "
+                f"call: {_peer_cpu(row, peer)}, machine CPU {machine.share(row.machine_cpu_percent or 0)}"
+            )
+        ours_ms = sum(cpu_ms_per_call(ours, tree) or 0.0 for tree in ("gateway", "torchserve"))
+        theirs_ms = cpu_ms_per_call(theirs, "kserve") or 0.0
+        if machine.saturated(ours) and ours_ms:
+            allowed = ours_ms * (ours.throughput_img_s or 0) / (required * (theirs.throughput_img_s or 1))
+            result.close.append(
+                "the machine was saturated: with the CPU this point got, the gateway and TorchServe "
+                f"together must spend <= {allowed:.3f} CPU ms per call (now {ours_ms:.3f}; KServe "
+                f"{theirs_ms:.3f})"
+            )
+        else:
+            wanted = required * (theirs.throughput_img_s or 0) / ours.images_per_call  # calls per second
+            result.close.append(
+                f"CPU did not bound this point: {ours.concurrency} closed-loop clients at {wanted:.0f} "
+                f"calls/s need a mean call of <= {1000.0 * ours.concurrency / (wanted or 1):.2f} ms "
+                f"(now {ours.mean_ms:.2f})"
+            )
+
+    return explain
+
+
+def _kserve_targets(
+    rows: Sequence[Row], model: str, machine: _Machine, skipped: str | None
+) -> list[TargetResult]:
+    targets = []
+    batched = _batched_call(rows, model, name="oip-grpc", inputs="tensor")
+    for (concurrency, size), required in VS_KSERVE.items():
+        per_call = (batched or 0) if size is None else size
+        ours, theirs = _kserve_rows(rows, model, concurrency, per_call)
+        calls = f"{per_call} image{'s' * (per_call != 1)} per call" if per_call else "batched calls"
+        target = _ratio_target(
+            f"kserve-{model}-c{concurrency}-{'batched' if size is None else size}",
+            f"{title(model)}, FP32 tensors over OIP gRPC, {calls}, {concurrency} client"
+            f"{'s' * (concurrency != 1)}: gateway >= {required:.1f}x KServe",
+            ours,
+            theirs,
+            required,
+            _explain_vs_kserve(machine),
+        )
+        targets.append(target)
+    ours, theirs = _kserve_rows(rows, model, 1, 1)
+    limit = KSERVE_P50_FACTOR
+    latency = TargetResult(
+        f"kserve-{model}-p50-c1",
+        f"{title(model)}, FP32 tensors over OIP gRPC, 1 image per call, 1 client: gateway p50 <= {limit:g}x "
+        "KServe's",
+        f"<= {limit:.2f}x",
+        None,
+        "x",
+        None,
+    )
+    if ours is not None and theirs is not None and theirs.p50_ms > 0:
+        ratio = ours.p50_ms / theirs.p50_ms
+        latency.measured, latency.met = round(ratio, 3), ratio <= limit
+        latency.figures = f"{ours.p50_ms:.2f} vs {theirs.p50_ms:.2f} ms"
+        if not latency.met:
+            latency.shortfall = (
+                f"{ratio:.2f}x instead of <= {limit:.2f}x: {ours.p50_ms - limit * theirs.p50_ms:.2f} ms over"
+            )
+            latency.why.append(
+                f"CPU ms per call: gateway path {_peer_cpu(ours, False)}; KServe {_peer_cpu(theirs, True)}"
+            )
+            latency.close.append(f"a 1-client call must take <= {limit * theirs.p50_ms:.2f} ms at the median")
+    targets.append(latency)
+    for target in targets:
+        if target.met is None and skipped:
+            target.figures = f"kserve-oip skipped: {skipped}"
+    # AlexNet runs fewer twin points: list only those its run measured (LeNet's always show).
+    return [t for t in targets if model == "lenet" or t.met is not None]
+
+
+def _batched_call(rows: Sequence[Row], model: str, name: str = "gateway", inputs: str = "png") -> int | None:
+    """Images per call of the run's batched ``name`` point for ``model`` (``inputs``), if it had one."""
     sizes = [
-        r.images_per_call for r in rows if r.name == "gateway" and r.model == model and r.images_per_call > 1
+        r.images_per_call
+        for r in rows
+        if r.name == name and r.model == model and r.images_per_call > 1 and r.inputs == inputs
     ]
     return max(sizes) if sizes else None
 
 
-def evaluate_targets(rows: Sequence[Row], cores: int | None = None) -> list[TargetResult]:
-    """Every target against ``rows`` (one run); ``cores``: the machine's, as ``results.json`` records them."""
+def evaluate_targets(
+    rows: Sequence[Row], cores: int | None = None, skipped: dict[str, str] | None = None
+) -> list[TargetResult]:
+    """Every target against ``rows`` (one run); ``cores``: the machine's, as ``results.json`` records them;
+    ``skipped``: scenario -> why the run has no rows of it (shown beside the targets it leaves unmeasured)."""
     machine = _Machine(cores)
     single = [r.concurrency for r in rows if r.name == "gateway" and r.images_per_call == 1]
     c = max(single, default=None)
@@ -436,8 +593,15 @@ def evaluate_targets(rows: Sequence[Row], cores: int | None = None) -> list[Targ
                 _explain_batched_call(model, per_call or 0, rows, machine),
             )
         )
+    levels = sorted({r.concurrency for r in rows if r.name == "grpc-echo" and r.model == "lenet"}) or [
+        c or 64
+    ]
+    why_not = (skipped or {}).get("kserve-oip")
     return [
         *targets,
+        *(_cpu_per_call_target(rows, level, machine) for level in levels),
+        *_kserve_targets(rows, "lenet", machine, why_not),
+        *_kserve_targets(rows, "alexnet", machine, why_not),
         _latency_target(rows, "lenet", machine),
         _latency_target(rows, "alexnet", machine),
         _finetune_target(rows),
