@@ -286,10 +286,10 @@ def _load_points(
                 yield load_point(loadgen, load, name, meter, None, inputs="tensor", **fields)
 
 
-# The points the gateway-processes rows repeat with a gateway of this many processes (LeNet: the gateway's
-# CPU is the limit there, not the model's): (clients, images per call).
+# The LeNet points the gateway-processes rows repeat through a gateway of this many processes (the gateway's
+# CPU is a limit there, not the model's): (clients, images per call).
 SECOND_GATEWAY_PROCESSES = 2
-PROCESSES_POINTS = ((64, 1), (8, 64))
+PROCESSES_POINTS = ((64, 1), (1, 64))  # the one-process gateway has rows at both
 
 
 def _processes_points(

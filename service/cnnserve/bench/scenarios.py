@@ -117,7 +117,7 @@ def inprocess_runtime(
 def service_inprocess(model: str, export_dir: Path, images: Images, count: int, budget: Budget) -> Row:
     """The handler's work without TorchServe: ``ModelService.handle`` on the gateway's envelope of PNGs.
 
-    Decode, preprocess, forward (ONNX Runtime, one thread) and the JSON reply: what a worker does per call.
+    Decode, preprocess, forward (ONNX Runtime, one thread) and the packed reply: what a worker does per call.
     """
     import torch
 

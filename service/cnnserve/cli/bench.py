@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
         "WORK_DIR/build/lenet/export.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from cnnserve.bench.settings import SMOKE_BUDGET, Budget  # plain dataclasses: the one set of defaults
+
     parser.add_argument(
         "--out", help="output directory (default: docs/bench, or WORK_DIR/smoke with --smoke)"
     )
@@ -62,10 +64,14 @@ def register(subparsers: Any) -> None:
         help="seconds-long run: LeNet in-process, echo, a gateway on the in-process backend (no TorchServe)",
     )
     parser.add_argument(
-        "--duration", type=_positive_float, help="seconds per repetition (default 4; --smoke 0.25)"
+        "--duration",
+        type=_positive_float,
+        help=f"seconds per repetition (default {Budget().duration_s:g}; --smoke {SMOKE_BUDGET.duration_s:g})",
     )
     parser.add_argument(
-        "--warmup", type=_positive_float, help="warm-up seconds per point (default 2; --smoke 0.1)"
+        "--warmup",
+        type=_positive_float,
+        help=f"warm-up seconds per point (default {Budget().warmup_s:g}; --smoke {SMOKE_BUDGET.warmup_s:g})",
     )
     parser.add_argument("--reps", type=_at_least_three, default=3, help="repetitions per point")
     parser.add_argument(
@@ -113,7 +119,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from cnnserve.bench.harness import run
     from cnnserve.bench.results import SCENARIOS
-    from cnnserve.bench.settings import BenchSettings, Budget
+    from cnnserve.bench.settings import SMOKE_BUDGET, BenchSettings, Budget
     from cnnserve.errors import InvalidInputError
 
     only = None
@@ -133,8 +139,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else (work_dir / "smoke" if smoke else Path("docs/bench")),
         work_dir=work_dir,
         budget=Budget(
-            duration_s=args.duration or (0.25 if smoke else 4.0),
-            warmup_s=args.warmup or (0.1 if smoke else 2.0),
+            duration_s=args.duration or (SMOKE_BUDGET if smoke else Budget()).duration_s,
+            warmup_s=args.warmup or (SMOKE_BUDGET if smoke else Budget()).warmup_s,
             reps=args.reps,
         ),
         smoke=smoke,

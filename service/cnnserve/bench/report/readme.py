@@ -257,7 +257,8 @@ def _how_measured(
         f"threads={threads_text}).run` on a preprocessed float32 batch in the harness process: the model "
         "alone.",
         "- `service-inprocess`: `ModelService.handle` on the envelope the gateway sends (PNG decode, "
-        "preprocessing, forward, JSON reply) in the harness process: the handler's work without TorchServe.",
+        "preprocessing, forward, packed reply) in the harness process: the handler's work without "
+        "TorchServe.",
         "- `torchserve-grpc` / `torchserve-http`: one PNG per request straight to TorchServe (gRPC "
         '`Predictions` with `input={"body": png}`, HTTP `POST /predictions/<model>`), with the inference '
         "key. Batching off: the archive the gateway serves (TorchServe batch size "
