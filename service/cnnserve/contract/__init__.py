@@ -40,6 +40,7 @@ from cnnserve.contract.defaults import (
     MAX_REQUEST_ID_CHARS,
     MAX_TOP_K,
     OPS,
+    PACKED_REPLY,
     REPLY_FORMATS,
     TRAIN_LAYERS,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "DEFAULT_WEIGHT_DECAY",
     "DEFAULT_TRAIN_LAYERS",
     "MAX_REQUEST_ID_CHARS",
+    "PACKED_REPLY",
     "REPLY_FORMATS",
     "PACKED_MAGIC",
     "PACKED_VERSION",

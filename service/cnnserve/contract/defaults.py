@@ -2,7 +2,11 @@
 
 OPS = ("classify", "shapes", "finetune", "info", "revisions", "rollback", "reset")
 TRAIN_LAYERS = ("all", "classifier")  # all: every parameter; classifier: the fully connected head only
-REPLY_FORMATS = ("json", "packed")  # how the worker answers a classify request: the gateway asks packed
+# How the worker answers a classify request: JSON (what TorchServe-direct clients get), or the packed binary
+# body the gateway asks for.
+DEFAULT_REPLY = "json"
+PACKED_REPLY = "packed"
+REPLY_FORMATS = (DEFAULT_REPLY, PACKED_REPLY)
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000
 DEFAULT_MOMENTUM = 0.9

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Generic, TypeVar, Union
 
 from cnnserve.contract.defaults import (
     DEFAULT_MOMENTUM,
+    DEFAULT_REPLY,
     DEFAULT_TOP_K,
     DEFAULT_TRAIN_LAYERS,
     DEFAULT_WEIGHT_DECAY,
@@ -121,7 +122,7 @@ class ClassifyRequest(Operation["ClassifyReply"]):
     per_input_errors: bool = False  # report a bad input in its slot instead of failing the request
     # How the worker answers: "json" (what TorchServe-direct clients get), or "packed" (a binary body that
     # only cnnserve's read_reply reads: ClassifyReply.from_packed). The gateway's envelope asks for packed.
-    reply: str = "json"
+    reply: str = DEFAULT_REPLY
 
     def __post_init__(self) -> None:
         _check_some(self.inputs)

@@ -13,11 +13,13 @@ from typing import Any
 
 from cnnserve.contract.defaults import (
     DEFAULT_MOMENTUM,
+    DEFAULT_REPLY,
     DEFAULT_TOP_K,
     DEFAULT_TRAIN_LAYERS,
     DEFAULT_WEIGHT_DECAY,
     MAX_REQUEST_ID_CHARS,
     OPS,
+    PACKED_REPLY,
     TRAIN_LAYERS,
 )
 from cnnserve.contract.replies import error_from_json, is_packed
@@ -51,7 +53,7 @@ def envelope(request: Operation[Any]) -> dict[str, bytes]:
     A classify request asks for the packed reply, which :func:`read_reply` reads."""
     meta = request.meta()
     if isinstance(request, ClassifyRequest):
-        meta["reply"] = "packed"
+        meta["reply"] = PACKED_REPLY
     encoded = {"op": request.op.encode(), "meta": encode_json(meta)}
     inputs = request.raw_inputs()
     if inputs:
@@ -298,7 +300,7 @@ def _build(body: Mapping[str, Any], inputs: tuple[RawInput, ...]) -> Request:
             revision=_int(body, "revision"),
             min_revision=_int(body, "min_revision"),
             per_input_errors=bool(body.get("per_input_errors", False)),
-            reply=_string(body, "reply", "json"),
+            reply=_string(body, "reply", DEFAULT_REPLY),
         )
     if op == "shapes":
         shape = body.get("input_shape")

@@ -21,6 +21,7 @@ import torch
 
 from cnnserve.card import ModelCard, load_card
 from cnnserve.contract import (
+    PACKED_REPLY,
     ClassifyReply,
     ClassifyRequest,
     ClassScore,
@@ -424,7 +425,7 @@ class ModelService:
             timing=timing,
         )
         labels = self.card.labels
-        if request.reply == "packed":
+        if request.reply == PACKED_REPLY:
             return _packed_reply(reply, labels, indices, probabilities, scored, slot_errors)
         scores = iter(zip(indices.tolist(), probabilities.tolist()))  # one per scored input, in order
         predictions: tuple[Prediction, ...] = tuple(
