@@ -648,12 +648,16 @@ def run_smoke(settings: SmokeSettings, log: Callable[[str], None] = lambda _: No
         )
 
         # ---- a pinned revision gives the same probabilities from both replicas ----
-        report.pinned_revision = first
+        # The step before the head: older than the head, and always kept. The first step of the run may be
+        # pruned by now: an uneven balancer can need more steps (max_steps) than the store keeps (retention).
+        pinned = report.revisions[-2]
+        report.pinned_revision = pinned
         scores = {}
         for name, client in clients.items():
-            result = client.classify(settings.model, batch, top_k=classes, revision=first)
+            result = client.classify(settings.model, batch, top_k=classes, revision=pinned)
             check(
-                result.revision == first, f"replica {name} served revision {result.revision}, pinned {first}"
+                result.revision == pinned,
+                f"replica {name} served revision {result.revision}, pinned {pinned}",
             )
             scores[name] = np.array(
                 [[s.probability for s in sorted(p, key=lambda s: s.index)] for p in result.predictions]
